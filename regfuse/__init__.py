@@ -1,0 +1,9 @@
+"""regfuse: fused regularization penalties and norms over lists of tensors.
+
+One kernel launch computes L1, L2, squared-L2 or elastic-net penalties (and their
+gradients) over every tensor of a list, whatever their number, shapes and dtypes.
+"""
+from .api import add_penalty_grad_, available_backends, norms, penalty, prox_l1_
+
+__all__ = ["norms", "penalty", "add_penalty_grad_", "prox_l1_", "available_backends"]
+__version__ = "0.1.0"

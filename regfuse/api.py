@@ -1,0 +1,195 @@
+"""The public functional API (see README.md): fused norms, penalties and in-place updates.
+
+Every function checks all of its input before any kernel runs (nothing is modified when
+it raises), then hands one list to one backend call.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import backends, ops
+from .backends.base import Reduction
+from .validation import ListInfo, as_list, check_nonnegative, inspect
+
+TensorList = Union[Iterable[Tensor], Sequence[Tensor]]
+Coefficients = Optional[Union[Sequence[float], Tensor]]
+
+__all__ = ["norms", "penalty", "add_penalty_grad_", "prox_l1_", "available_backends"]
+
+available_backends = backends.available_backends
+
+
+def _norm_reduction(p: float, squared: bool) -> Reduction:
+    if p == 2:
+        return Reduction.SQ if squared else Reduction.L2
+    if squared:
+        raise ValueError(f"regfuse: squared=True needs p=2, got p={p}")
+    if p == 1:
+        return Reduction.L1
+    if p == math.inf:
+        return Reduction.INF
+    raise ValueError(f"regfuse: unsupported p={p}; expected 1, 2 or float('inf')")
+
+
+def _builds_graph(info: ListInfo) -> bool:
+    return (info.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()
+
+
+def _coefficients(coefficients: Coefficients, n: int, info: ListInfo) -> Optional[Tensor]:
+    """The per-tensor coefficients as a checked ``(n,)`` tensor, or ``None`` for all ones."""
+    if coefficients is None:
+        return None
+    c = torch.as_tensor(coefficients if isinstance(coefficients, Tensor) else list(coefficients))
+    if c.dim() != 1 or c.numel() != n:
+        raise ValueError(f"regfuse: coefficients must be a sequence of {n} numbers (one per "
+                         f"tensor), got shape {tuple(c.shape)}")
+    if c.is_complex() or not (c.is_floating_point() or c.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"regfuse: coefficients must be real numbers, got dtype {c.dtype}")
+    c = c.to(device=info.device, dtype=info.acc_dtype)
+    if not bool((c >= 0).all()):  # also refuses NaN
+        raise ValueError("regfuse: coefficients must be non-negative")
+    return c
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform(values: tuple, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # Cached so that a training loop does not copy the same few scalars to the GPU every step.
+    return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1).expand(len(values), n).contiguous()
+
+
+def _scaled(values: tuple, c: Optional[Tensor], n: int, info: ListInfo) -> Tensor:
+    """``(len(values), n)``: row ``k`` is ``values[k] * c`` (``c`` all ones when ``None``)."""
+    make = _uniform.__wrapped__ if torch.compiler.is_compiling() else _uniform
+    rows = make(values, n, info.device, info.acc_dtype)
+    return rows if c is None else rows * c
+
+
+def norms(tensors: TensorList, p: float = 2, *, squared: bool = False, backend: str = "auto") -> Tensor:
+    """Per-tensor norms of a list of tensors in one fused pass.
+
+    Args:
+        tensors: tensors on one device (any mix of float32/float16/bfloat16/float64, any
+            shapes, empty, 0-d and non-contiguous tensors included).
+        p: 1, 2 or ``float('inf')``.
+        squared: with ``p=2``, return ``sum(x**2)`` per tensor (gradient ``2x``).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns:
+        A 1-D tensor of ``len(tensors)`` norms, float32 (float64 where any input is
+        float64), on the inputs' device; differentiable twice. The norm of an empty
+        tensor is 0. Same values as ``torch.stack([torch.linalg.vector_norm(t, p) ...])``
+        computed in the accumulation dtype.
+    """
+    tensors = as_list(tensors)
+    op = _norm_reduction(p, squared)
+    backends.check_backend_name(backend)
+    if not tensors:
+        return torch.empty(0)
+    info = inspect(tensors)
+    if _builds_graph(info):
+        return ops.reduce(tensors, int(op), None, backend)
+    return ops.run_reduce(tensors, op, None, backend, info)
+
+
+def penalty(tensors: TensorList, l1: float = 0.0, l2: float = 0.0, *,
+            coefficients: Coefficients = None, backend: str = "auto") -> Tensor:
+    """``sum_i c_i * (l1 * ||t_i||_1 + l2 * ||t_i||_2**2)`` reading every element once.
+
+    ``l2`` multiplies the sum of squares (the Keras convention). ``coefficients`` is an
+    optional per-tensor sequence or 1-D tensor ``c`` of non-negative numbers (default
+    all 1); it is a constant, not differentiated. Returns a 0-d float32 tensor (float64
+    where any input is float64), differentiable twice; 0 for an empty list.
+    """
+    tensors = as_list(tensors)
+    l1 = check_nonnegative("l1", l1)
+    l2 = check_nonnegative("l2", l2)
+    backends.check_backend_name(backend)
+    if not tensors:
+        if coefficients is not None and len(as_list(coefficients)) != 0:
+            raise ValueError("regfuse: coefficients must be empty for an empty tensor list")
+        return torch.zeros(())
+    info = inspect(tensors)
+    weights = _scaled((l1, l2), _coefficients(coefficients, len(tensors), info), len(tensors), info)
+    if _builds_graph(info):
+        return ops.reduce(tensors, int(Reduction.PENALTY), weights, backend)
+    return ops.run_reduce(tensors, Reduction.PENALTY, weights, backend, info)
+
+
+def _check_grads(params: list[Tensor]) -> list[Optional[Tensor]]:
+    grads = [p.grad for p in params]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        if g.is_sparse:
+            raise TypeError(f"regfuse: parameter {i} has a sparse gradient; dense gradients only")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(
+                f"regfuse: parameter {i} ({tuple(p.shape)}, {p.dtype}, {p.device}) has a gradient "
+                f"of another shape, dtype or device ({tuple(g.shape)}, {g.dtype}, {g.device})")
+    return grads
+
+
+def _bump_versions(tensors: Sequence[Tensor]) -> None:
+    # The kernels write through raw pointers; tell autograd the tensors changed so that a
+    # graph which saved them refuses to run a stale backward.
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
+
+
+def add_penalty_grad_(params: TensorList, l1: float = 0.0, l2: float = 0.0, *,
+                      coefficients: Coefficients = None, backend: str = "auto") -> None:
+    """In place: ``p.grad += c_i * (l1 * sign(p) + 2 * l2 * p)`` for every parameter.
+
+    No autograd graph; one fused pass. A ``p.grad`` that is ``None`` becomes the term
+    itself. The result equals adding ``penalty(params, l1, l2, coefficients=...)`` to the
+    loss before ``backward()``. Call it after ``backward()`` and before
+    ``optimizer.step()``.
+    """
+    params = as_list(params)
+    l1 = check_nonnegative("l1", l1)
+    l2 = check_nonnegative("l2", l2)
+    backends.check_backend_name(backend)
+    if not params:
+        return
+    info = inspect(params)
+    backends.resolve(backend, info.device)
+    weights = _scaled((l1, l2), _coefficients(coefficients, len(params), info), len(params), info)
+    grads = _check_grads(params)
+    # Every check has passed: from here on the parameters' gradients may change.
+    for p, g in zip(params, grads):
+        if g is None:
+            p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+    grads = [p.grad for p in params]
+    if torch.compiler.is_compiling():
+        ops.add_grad_(grads, params, weights, backend)
+        return
+    ops.run_add_grad_(grads, params, weights, backend, info)
+    _bump_versions(grads)
+
+
+def prox_l1_(params: TensorList, threshold: float, *, coefficients: Coefficients = None,
+             backend: str = "auto") -> None:
+    """In place soft-thresholding ``p = sign(p) * max(|p| - c_i * threshold, 0)``.
+
+    The proximal step of an L1 penalty: it leaves exact zeros. Call it after
+    ``optimizer.step()`` with ``threshold = lr * l1``. NaN stays NaN.
+    """
+    params = as_list(params)
+    threshold = check_nonnegative("threshold", threshold)
+    backends.check_backend_name(backend)
+    if not params:
+        return
+    info = inspect(params)
+    backends.resolve(backend, info.device)
+    thresholds = _scaled((threshold,), _coefficients(coefficients, len(params), info),
+                         len(params), info)[0]
+    if torch.compiler.is_compiling():
+        ops.prox_l1_(params, thresholds, backend)
+        return
+    ops.run_prox_l1_(params, thresholds, backend, info)
+    _bump_versions(params)

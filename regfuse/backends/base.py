@@ -1,0 +1,107 @@
+"""The contract every kernel backend implements.
+
+A backend sees only validated input: a non-empty list of contiguous floating-point
+tensors, all on one device, plus the accumulation dtype (float64 where any input is
+float64, else float32). Everything user-facing (argument checks, coefficients,
+autograd, non-contiguous inputs, ``None`` gradients) is handled once in
+:mod:`regfuse.api` and :mod:`regfuse.ops`, so a new backend is four functions and one
+registry line in :mod:`regfuse.backends`.
+
+The per-element maths of every op is ``a_i * sign(x) + b_i * x`` (gradients) or a sum
+of ``|x|`` / ``x**2`` / ``max |x|`` (reductions); the per-tensor scalars ``a_i``, ``b_i``
+are derived by :func:`grad_scales`, which the compiled backends mirror.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+
+class Reduction(enum.IntEnum):
+    """What ``reduce`` returns; the integer values are shared with the C++/CUDA/Triton code."""
+
+    L1 = 0  # per tensor: sum |x|
+    L2 = 1  # per tensor: sqrt(sum x**2)
+    SQ = 2  # per tensor: sum x**2
+    INF = 3  # per tensor: max |x| (NaN if any NaN); 0 for an empty tensor
+    PENALTY = 4  # scalar: sum_i weights[0, i] * sum|x_i| + weights[1, i] * sum x_i**2
+
+
+class DTypeCode(enum.IntEnum):
+    """Element type codes stored in the multi-tensor metadata."""
+
+    FLOAT32 = 0
+    FLOAT64 = 1
+    FLOAT16 = 2
+    BFLOAT16 = 3
+
+
+DTYPE_CODES = {
+    torch.float32: DTypeCode.FLOAT32,
+    torch.float64: DTypeCode.FLOAT64,
+    torch.float16: DTypeCode.FLOAT16,
+    torch.bfloat16: DTypeCode.BFLOAT16,
+}
+
+
+class Backend(Protocol):
+    """What a backend module provides (see ``regfuse/backends/reference.py``)."""
+
+    name: str
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """``None`` if the backend can run on ``device`` here, else why not."""
+
+    def reduce(self, tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
+               acc_dtype: torch.dtype) -> Tensor:
+        """Per-tensor reductions (shape ``(n,)``) or, for ``PENALTY``, a 0-d tensor.
+
+        ``weights`` is ``None`` except for ``PENALTY``, where it is a ``(2, n)`` tensor of
+        ``acc_dtype`` on the tensors' device: row 0 multiplies ``sum|x_i|``, row 1
+        multiplies ``sum x_i**2``. Result dtype is ``acc_dtype``. Partial sums are
+        combined in a fixed order, so the same input gives bitwise the same result.
+        """
+
+    def backward(self, tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor,
+                 norms: Optional[Tensor], weights: Optional[Tensor], acc_dtype: torch.dtype,
+                 accumulate_into: Optional[Sequence[Tensor]] = None) -> Optional[list[Tensor]]:
+        """Gradient of ``reduce(tensors, op, weights)`` scaled by ``grad_out``.
+
+        Element ``x`` of tensor ``i`` gets ``a_i * sign(x) + b_i * x`` with ``(a_i, b_i)``
+        from :func:`grad_scales` (``op`` is never ``INF`` here). With
+        ``accumulate_into=None`` it returns new tensors shaped and typed like the inputs
+        (views of one flat buffer per dtype); otherwise it adds the term in place to
+        ``accumulate_into[i]`` (contiguous, same shape and dtype as ``tensors[i]``) and
+        returns ``None``.
+        """
+
+    def prox_l1_(self, tensors: Sequence[Tensor], thresholds: Tensor) -> None:
+        """In place ``x = sign(x) * max(|x| - thresholds[i], 0)``; NaN stays NaN.
+
+        ``thresholds`` is a ``(n,)`` tensor of the accumulation dtype on the device.
+        """
+
+
+def grad_scales(op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
+                weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-tensor ``(a, b)`` so that ``d(op)/dx * grad_out = a * sign(x) + b * x``.
+
+    ``grad_out`` has shape ``(n,)`` for the per-tensor norms and is 0-d for ``PENALTY``;
+    ``norms`` is the forward result (needed by ``L2`` only). The gradient of an L2 norm
+    that is 0 is 0, as in ``torch.linalg.vector_norm``.
+    """
+    zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
+    if op == Reduction.L1:
+        return grad_out, zero.expand_as(grad_out)
+    if op == Reduction.SQ:
+        return zero.expand_as(grad_out), 2 * grad_out
+    if op == Reduction.L2:
+        assert norms is not None
+        return zero.expand_as(grad_out), torch.where(norms == 0, zero, grad_out / norms)
+    if op == Reduction.PENALTY:
+        assert weights is not None
+        return grad_out * weights[0], 2 * grad_out * weights[1]
+    raise ValueError(f"no fused gradient for {op!r}")

@@ -1,0 +1,80 @@
+"""Pure-PyTorch backend: the oracle the other backends are tested against, and the fallback.
+
+Each tensor is reduced in ``acc_dtype`` one at a time; it is simple rather than fast.
+Every operation here is differentiable, which is what double backward relies on.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Reduction, grad_scales
+
+name = "reference"
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    return None
+
+
+def _per_tensor(tensors: Sequence[Tensor], op: Reduction, acc_dtype: torch.dtype) -> Tensor:
+    flat = [t.reshape(-1).to(acc_dtype) for t in tensors]
+    if op == Reduction.L1:
+        return torch.stack([x.abs().sum() for x in flat])
+    if op == Reduction.SQ:
+        return torch.stack([(x * x).sum() for x in flat])
+    if op == Reduction.L2:
+        return torch.stack([torch.linalg.vector_norm(x) for x in flat])
+    if op == Reduction.INF:
+        # vector_norm(inf) refuses empty inputs; the norm of nothing is 0 here.
+        return torch.stack([
+            torch.linalg.vector_norm(x, float("inf")) if x.numel() else x.new_zeros(())
+            for x in flat
+        ])
+    raise ValueError(f"unknown per-tensor reduction {op!r}")
+
+
+def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
+           acc_dtype: torch.dtype) -> Tensor:
+    if op == Reduction.PENALTY:
+        assert weights is not None
+        l1_sum = _per_tensor(tensors, Reduction.L1, acc_dtype)
+        sq_sum = _per_tensor(tensors, Reduction.SQ, acc_dtype)
+        return (weights[0] * l1_sum + weights[1] * sq_sum).sum()
+    return _per_tensor(tensors, op, acc_dtype)
+
+
+def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor,
+             norms: Optional[Tensor], weights: Optional[Tensor], acc_dtype: torch.dtype,
+             accumulate_into: Optional[Sequence[Tensor]] = None) -> Optional[list[Tensor]]:
+    a, b = grad_scales(op, grad_out, norms, weights)
+    n = len(tensors)
+    a = a.to(acc_dtype).expand(n)
+    b = b.to(acc_dtype).expand(n)
+    terms = [a[i] * torch.sign(x.to(acc_dtype)) + b[i] * x.to(acc_dtype)
+             for i, x in enumerate(tensors)]
+    if accumulate_into is None:
+        return [term.to(x.dtype) for term, x in zip(terms, tensors)]
+    # Add in the accumulation dtype and round once, as the fused kernels do.
+    for out, term in zip(accumulate_into, terms):
+        out.copy_(out.to(acc_dtype) + term)
+    return None
+
+
+def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
+    for i, x in enumerate(tensors):
+        acc = x.to(thresholds.dtype)
+        x.copy_(torch.sign(acc) * torch.clamp_min(acc.abs() - thresholds[i], 0))
+
+
+def inf_norm_backward(tensors: Sequence[Tensor], norms: Tensor, grad_out: Tensor) -> list[Tensor]:
+    """Gradient of ``max|x|`` as torch gives it: shared evenly by the elements that attain it."""
+    grads = []
+    for i, x in enumerate(tensors):
+        acc = x.to(norms.dtype)
+        hits = (acc.abs() == norms[i]).to(acc.dtype)
+        share = grad_out[i] / hits.sum().clamp_min(1)
+        grads.append((torch.sign(acc) * hits * share).to(x.dtype))
+    return grads

@@ -1,0 +1,145 @@
+"""The operators, registered with ``torch.library`` so that ``torch.compile`` sees them.
+
+Four custom ops carry all the work: ``regfuse::reduce`` (norms and penalties, with
+autograd), ``regfuse::reduce_backward`` (the fused first backward), ``regfuse::add_grad_``
+and ``regfuse::prox_l1_`` (in place). Each has a fake implementation for tracing. The
+``run_*`` functions are their eager implementations; :mod:`regfuse.api` calls them
+directly when no autograd graph is being built, which skips the dispatcher's per-call
+cost on long lists.
+
+Double backward: the fused backward is a kernel, not differentiable by itself, so
+when the backward is being recorded (``create_graph=True``) the same gradient is
+computed with the reference backend's differentiable PyTorch ops instead.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends import reference
+from .backends.base import Reduction
+from .validation import ListInfo, inspect, inspect_py
+
+
+def _contiguous(tensors: Sequence[Tensor], info: ListInfo) -> list[Tensor]:
+    return list(tensors) if info.contiguous else [t.contiguous() for t in tensors]
+
+
+def run_reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor], backend: str,
+               info: Optional[ListInfo] = None) -> Tensor:
+    info = info or inspect(tensors)
+    impl = backends.resolve(backend, info.device)
+    return impl.reduce(_contiguous(tensors, info), op, weights, info.acc_dtype)
+
+
+def run_reduce_backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor,
+                        norms: Optional[Tensor], weights: Optional[Tensor], backend: str) -> list[Tensor]:
+    info = inspect(tensors)
+    impl = backends.resolve(backend, info.device)
+    grads = impl.backward(_contiguous(tensors, info), op, grad_out.to(info.acc_dtype), norms,
+                          weights, info.acc_dtype)
+    return grads
+
+
+def run_add_grad_(grads: Sequence[Tensor], params: Sequence[Tensor], weights: Tensor, backend: str,
+                  info: Optional[ListInfo] = None) -> None:
+    """``grads[i] += weights[0, i] * sign(p_i) + 2 * weights[1, i] * p_i``, fused."""
+    info = info or inspect(params)
+    impl = backends.resolve(backend, info.device)
+    work = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    with torch.no_grad():
+        impl.backward(_contiguous(params, info), Reduction.PENALTY, weights.new_ones(()), None,
+                      weights, info.acc_dtype, accumulate_into=work)
+        for g, w in zip(grads, work):
+            if w is not g:
+                g.copy_(w)
+
+
+def run_prox_l1_(params: Sequence[Tensor], thresholds: Tensor, backend: str,
+                 info: Optional[ListInfo] = None) -> None:
+    info = info or inspect(params)
+    impl = backends.resolve(backend, info.device)
+    work = _contiguous(params, info)
+    with torch.no_grad():
+        impl.prox_l1_(work, thresholds)
+        for p, w in zip(params, work):
+            if w is not p:
+                p.copy_(w)
+
+
+# ---- torch.library registration -------------------------------------------------------
+
+@torch.library.custom_op("regfuse::reduce", mutates_args=())
+def reduce(tensors: list[Tensor], op: int, weights: Optional[Tensor], backend: str) -> Tensor:
+    return run_reduce(tensors, Reduction(op), weights, backend)
+
+
+@reduce.register_fake
+def _(tensors, op, weights, backend):
+    info = inspect_py(tensors)
+    shape = () if op == Reduction.PENALTY else (len(tensors),)
+    return tensors[0].new_empty(shape, dtype=info.acc_dtype)
+
+
+@torch.library.custom_op("regfuse::reduce_backward", mutates_args=())
+def reduce_backward(tensors: list[Tensor], op: int, grad_out: Tensor, norms: Optional[Tensor],
+                    weights: Optional[Tensor], backend: str) -> list[Tensor]:
+    grads = run_reduce_backward(tensors, Reduction(op), grad_out, norms, weights, backend)
+    # Custom-op outputs may not share storage; the fused kernel's single flat buffer is
+    # kept by the eager autograd path below, which calls the backend directly.
+    return [g.clone() if g._base is not None else g for g in grads]
+
+
+@reduce_backward.register_fake
+def _(tensors, op, grad_out, norms, weights, backend):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+
+
+def _setup_reduce(ctx, inputs, output):
+    tensors, op, weights, backend = inputs
+    ctx.op = Reduction(op)
+    ctx.backend = backend
+    ctx.num_tensors = len(tensors)
+    ctx.save_for_backward(*tensors, output, weights)
+
+
+def _backward_reduce(ctx, grad_out):
+    saved = ctx.saved_tensors
+    tensors, norms, weights = list(saved[:ctx.num_tensors]), saved[-2], saved[-1]
+    op = ctx.op
+    if op == Reduction.INF:
+        grads = reference.inf_norm_backward(tensors, norms, grad_out)
+    elif torch.is_grad_enabled() and (grad_out.requires_grad or any(t.requires_grad for t in tensors)):
+        acc_dtype = norms.dtype
+        grads = reference.backward(tensors, op, grad_out.to(acc_dtype), norms, weights, acc_dtype)
+    elif torch.compiler.is_compiling():
+        grads = reduce_backward(tensors, int(op), grad_out, norms, weights, ctx.backend)
+    else:
+        grads = run_reduce_backward(tensors, op, grad_out, norms, weights, ctx.backend)
+    return list(grads), None, None, None
+
+
+reduce.register_autograd(_backward_reduce, setup_context=_setup_reduce)
+
+
+@torch.library.custom_op("regfuse::add_grad_", mutates_args=("grads",))
+def add_grad_(grads: list[Tensor], params: list[Tensor], weights: Tensor, backend: str) -> None:
+    run_add_grad_(grads, params, weights, backend)
+
+
+@add_grad_.register_fake
+def _(grads, params, weights, backend):
+    return None
+
+
+@torch.library.custom_op("regfuse::prox_l1_", mutates_args=("params",))
+def prox_l1_(params: list[Tensor], thresholds: Tensor, backend: str) -> None:
+    run_prox_l1_(params, thresholds, backend)
+
+
+@prox_l1_.register_fake
+def _(params, thresholds, backend):
+    return None

@@ -1,0 +1,78 @@
+"""One pass over a tensor list: argument checks and what the dispatch needs to know.
+
+The C++ extension does the same pass in native code (``regfuse._C.inspect``) because a
+Python loop over 2,000 tensors costs more than the fused kernel itself; the Python
+version below is the specification and the fallback when the extension is not built.
+Both raise the same exceptions with the same messages.
+"""
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+import torch
+from torch import Tensor
+
+try:
+    from regfuse import _C
+except ImportError:  # the package must work (reference backend) without the extension
+    _C = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class ListInfo(NamedTuple):
+    device: torch.device
+    acc_dtype: torch.dtype  # float64 where any tensor is float64, else float32
+    requires_grad: bool  # any tensor requires grad
+    contiguous: bool  # every tensor is contiguous
+
+
+def inspect_py(tensors: list) -> ListInfo:
+    """Reference implementation of ``_C.inspect`` (``tensors`` must be non-empty)."""
+    device = None
+    acc_dtype = torch.float32
+    requires_grad = False
+    contiguous = True
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"regfuse: element {i} is a {type(t).__name__}, not a torch.Tensor")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"regfuse: tensor {i} has dtype {t.dtype}; expected float32, float64, "
+                "float16 or bfloat16")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(
+                f"regfuse: all tensors must be on one device; tensor 0 is on {device}, "
+                f"tensor {i} on {t.device}")
+        if t.dtype == torch.float64:
+            acc_dtype = torch.float64
+        requires_grad = requires_grad or t.requires_grad
+        contiguous = contiguous and t.is_contiguous()
+    return ListInfo(device, acc_dtype, requires_grad, contiguous)
+
+
+def inspect(tensors: list) -> ListInfo:
+    """Check a non-empty tensor list and summarize it (native pass where built)."""
+    if _C is None or torch.compiler.is_compiling():  # the compiler traces the Python pass
+        return inspect_py(tensors)
+    return ListInfo(*_C.inspect(tensors))
+
+
+def as_list(tensors: "Iterable[Tensor] | Tensor") -> list:
+    """Materialize the user's iterable (a generator such as ``model.parameters()`` too)."""
+    if isinstance(tensors, Tensor):
+        raise TypeError("regfuse: expected a list or iterable of tensors, got a single Tensor; "
+                        "wrap it in a list")
+    try:
+        return list(tensors)
+    except TypeError:
+        raise TypeError(f"regfuse: expected an iterable of tensors, got {type(tensors).__name__}") from None
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    value = float(value)
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"regfuse: {name} must be a non-negative number, got {value}")
+    return value
