@@ -1,0 +1,46 @@
+// regfuse: the torch-free contract shared by the CPU kernels, the CUDA kernels and the
+// binding. Nothing here includes torch or CUDA headers, so kernel files can be
+// compile-checked with a bare nvcc / g++.
+#pragma once
+
+#include <cstdint>
+
+namespace regfuse {
+
+// What a reduction computes; values shared with regfuse/backends/base.py::Reduction.
+enum Reduction : int {
+  kL1 = 0,       // per tensor: sum |x|
+  kL2 = 1,       // per tensor: sqrt(sum x^2)
+  kSq = 2,       // per tensor: sum x^2
+  kInf = 3,      // per tensor: max |x| (NaN if any NaN), 0 for an empty tensor
+  kPenalty = 4,  // scalar: sum_i w[0][i] * sum|x_i| + w[1][i] * sum x_i^2
+};
+
+// Element types; values shared with regfuse/backends/base.py::DTypeCode.
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kNumDTypes = 4 };
+
+// The multi-tensor metadata: one int64 buffer, built once per list by multi_tensor.h and
+// read by every kernel family (CPU, CUDA, Triton). For n tensors cut into C chunks:
+//   [0, n)                 data pointer of tensor i
+//   [n, 2n)                numel of tensor i
+//   [2n, 3n)               dtype code of tensor i
+//   [3n, 4n+1)             chunk_offsets: tensor i owns chunks [chunk_offsets[i], chunk_offsets[i+1])
+//   [4n+1, 4n+1+C)         chunk_tensor: the tensor of chunk c
+//   [4n+1+C, 4n+1+2C)      chunk_start: element offset of chunk c within its tensor
+//   [4n+1+2C, 5n+1+2C)     flat_offset: offset of tensor i in the flat buffer of its dtype
+// Empty tensors own no chunk.
+struct MetaLayout {
+  int64_t num_tensors;
+  int64_t num_chunks;
+  int64_t chunk_size;
+  int64_t ptrs() const { return 0; }
+  int64_t numels() const { return num_tensors; }
+  int64_t dtypes() const { return 2 * num_tensors; }
+  int64_t chunk_offsets() const { return 3 * num_tensors; }
+  int64_t chunk_tensor() const { return 4 * num_tensors + 1; }
+  int64_t chunk_start() const { return 4 * num_tensors + 1 + num_chunks; }
+  int64_t flat_offset() const { return 4 * num_tensors + 1 + 2 * num_chunks; }
+  int64_t size() const { return 5 * num_tensors + 1 + 2 * num_chunks; }
+};
+
+}  // namespace regfuse
