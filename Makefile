@@ -34,7 +34,7 @@ test-python: build
 
 # CUDA kernels cannot run without a GPU, but they must compile for Ampere and Hopper.
 cuda-check:
-	@if command -v nvcc >/dev/null 2>&1; then bash scripts/check_cuda.sh; \
+	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(PY) bash scripts/check_cuda.sh; \
 	else echo "cuda-check: nvcc not found, skipped"; fi
 
 bench: build

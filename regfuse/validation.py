@@ -57,7 +57,12 @@ def inspect(tensors: list) -> ListInfo:
     """Check a non-empty tensor list and summarize it (native pass where built)."""
     if _C is None or torch.compiler.is_compiling():  # the compiler traces the Python pass
         return inspect_py(tensors)
-    return ListInfo(*_C.inspect(tensors))
+    summary = _C.inspect(tensors)
+    if summary is None:  # something is wrong: the Python pass says exactly what
+        return inspect_py(tensors)
+    acc_double, requires_grad, contiguous = summary
+    return ListInfo(tensors[0].device, torch.float64 if acc_double else torch.float32,
+                    requires_grad, contiguous)
 
 
 def as_list(tensors: "Iterable[Tensor] | Tensor") -> list:

@@ -1,0 +1,242 @@
+// regfuse CPU kernels: one parallel region over every chunk of every tensor of the list.
+//
+// Each chunk is read once. Sums are kept in kLanes independent accumulators so the
+// compiler vectorizes the inner loop, and folded into double every kBlock elements: a
+// float32 list keeps float32 speed yet ends with a relative error far below 1e-6 (a
+// plain float32 running sum over 4M elements is off by ~1e-4). Per-chunk partials are
+// combined in chunk order by one thread: the result does not depend on the thread count.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../penalties.h"
+
+namespace regfuse {
+namespace cpu {
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int64_t kBlock = 1024;
+// Below this many elements per task, a parallel region costs more than it saves.
+constexpr int64_t kMinElementsPerTask = 32768;
+
+template <typename F>
+void dispatch_dtype(int64_t code, F&& f) {
+  switch (code) {
+    case kFloat32: return f(float{});
+    case kFloat64: return f(double{});
+    case kFloat16: return f(c10::Half{});
+    case kBFloat16: return f(c10::BFloat16{});
+  }
+}
+
+template <typename F>
+void dispatch_acc(bool acc_double, F&& f) {
+  if (acc_double) return f(double{});
+  return f(float{});
+}
+
+// Calls f(chunk, tensor, start, length) for every chunk, in parallel.
+template <typename F>
+void for_each_chunk(const int64_t* meta, const MetaLayout& layout, const F& f) {
+  const int64_t* numels = meta + layout.numels();
+  const int64_t* chunk_tensor = meta + layout.chunk_tensor();
+  const int64_t* chunk_start = meta + layout.chunk_start();
+  int64_t total = 0;
+  for (int64_t i = 0; i < layout.num_tensors; ++i) total += numels[i];
+  if (layout.num_chunks == 0) return;
+  const int64_t grain = std::max<int64_t>(
+      1, (layout.num_chunks * kMinElementsPerTask + total - 1) / std::max<int64_t>(total, 1));
+  at::parallel_for(0, layout.num_chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t i = chunk_tensor[c];
+      const int64_t start = chunk_start[c];
+      f(c, i, start, std::min(layout.chunk_size, numels[i] - start));
+    }
+  });
+}
+
+// What one chunk contributes: `first` is sum|x|, sum x^2 or max|x| by op; `second` is
+// sum x^2 for kPenalty (whose `first` is sum|x|).
+struct Partial {
+  double first = 0;
+  double second = 0;
+};
+
+template <int kOp, typename Lane>
+inline void accumulate(Lane& first, Lane& second, Lane v) {
+  if constexpr (kOp == kL1) {
+    first += std::abs(v);
+  } else if constexpr (kOp == kL2 || kOp == kSq) {
+    first += v * v;
+  } else if constexpr (kOp == kInf) {
+    const Lane a = std::abs(v);
+    first = a > first ? a : first;
+    second += (v != v) ? Lane(1) : Lane(0);  // NaN count: max() alone would drop a NaN
+  } else {
+    first += std::abs(v);
+    second += v * v;
+  }
+}
+
+template <int kOp>
+inline void fold(Partial& p, double first, double second) {
+  if constexpr (kOp == kInf) {
+    p.first = std::max(p.first, first);
+  } else {
+    p.first += first;
+  }
+  p.second += second;
+}
+
+template <int kOp, typename T>
+Partial reduce_chunk(const T* x, int64_t n) {
+  using Lane = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  Partial p;
+  for (int64_t block = 0; block < n; block += kBlock) {
+    const T* xb = x + block;
+    const int64_t len = std::min(kBlock, n - block);
+    Lane first[kLanes] = {};
+    Lane second[kLanes] = {};
+    int64_t k = 0;
+    for (; k + kLanes <= len; k += kLanes) {
+      for (int j = 0; j < kLanes; ++j) accumulate<kOp>(first[j], second[j], static_cast<Lane>(xb[k + j]));
+    }
+    for (; k < len; ++k) accumulate<kOp>(first[0], second[0], static_cast<Lane>(xb[k]));
+    for (int j = 0; j < kLanes; ++j) fold<kOp>(p, first[j], second[j]);
+  }
+  return p;
+}
+
+template <int kOp>
+std::vector<Partial> chunk_partials(const int64_t* meta, const MetaLayout& layout) {
+  std::vector<Partial> partials(layout.num_chunks);
+  const int64_t* ptrs = meta + layout.ptrs();
+  const int64_t* dtypes = meta + layout.dtypes();
+  for_each_chunk(meta, layout, [&](int64_t c, int64_t i, int64_t start, int64_t len) {
+    dispatch_dtype(dtypes[i], [&](auto tag) {
+      using T = decltype(tag);
+      partials[c] = reduce_chunk<kOp>(reinterpret_cast<const T*>(ptrs[i]) + start, len);
+    });
+  });
+  return partials;
+}
+
+// Combines each tensor's partials in chunk order and writes the per-tensor results (or,
+// for kPenalty, their weighted sum) as Acc.
+template <int kOp, typename Acc>
+void finish(const int64_t* meta, const MetaLayout& layout, const std::vector<Partial>& partials,
+            const Acc* weights, Acc* out) {
+  const int64_t n = layout.num_tensors;
+  const int64_t* chunk_offsets = meta + layout.chunk_offsets();
+  double penalty = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    Partial total;
+    for (int64_t c = chunk_offsets[i]; c < chunk_offsets[i + 1]; ++c)
+      fold<kOp>(total, partials[c].first, partials[c].second);
+    if constexpr (kOp == kPenalty) {
+      // Weights are stored as Acc; the product is rounded like the reference's Acc math.
+      penalty += static_cast<double>(weights[i] * static_cast<Acc>(total.first) +
+                                     weights[n + i] * static_cast<Acc>(total.second));
+    } else if constexpr (kOp == kInf) {
+      out[i] = total.second > 0 ? std::numeric_limits<Acc>::quiet_NaN() : static_cast<Acc>(total.first);
+    } else if constexpr (kOp == kL2) {
+      out[i] = static_cast<Acc>(std::sqrt(total.first));
+    } else {
+      out[i] = static_cast<Acc>(total.first);
+    }
+  }
+  if constexpr (kOp == kPenalty) out[0] = static_cast<Acc>(penalty);
+}
+
+template <int kOp>
+void reduce_op(const int64_t* meta, const MetaLayout& layout, const void* weights, bool acc_double,
+               void* out) {
+  const std::vector<Partial> partials = chunk_partials<kOp>(meta, layout);
+  dispatch_acc(acc_double, [&](auto acc_tag) {
+    using Acc = decltype(acc_tag);
+    finish<kOp>(meta, layout, partials, static_cast<const Acc*>(weights), static_cast<Acc*>(out));
+  });
+}
+
+// Applies `op(x, i) -> Acc` to every element of every tensor, writing the rounded result
+// to `dest(i)` (same dtype as x), either replacing it or adding to it.
+template <typename Acc, typename Op, typename Dest>
+void map_elements(const int64_t* meta, const MetaLayout& layout, bool accumulate, const Op& op,
+                  const Dest& dest) {
+  const int64_t* ptrs = meta + layout.ptrs();
+  const int64_t* dtypes = meta + layout.dtypes();
+  for_each_chunk(meta, layout, [&](int64_t, int64_t i, int64_t start, int64_t len) {
+    dispatch_dtype(dtypes[i], [&](auto tag) {
+      using T = decltype(tag);
+      const T* x = reinterpret_cast<const T*>(ptrs[i]) + start;
+      T* y = static_cast<T*>(dest(i)) + start;
+      if (accumulate) {
+        for (int64_t k = 0; k < len; ++k)
+          y[k] = static_cast<T>(static_cast<Acc>(y[k]) + op(static_cast<Acc>(x[k]), i));
+      } else {
+        for (int64_t k = 0; k < len; ++k) y[k] = static_cast<T>(op(static_cast<Acc>(x[k]), i));
+      }
+    });
+  });
+}
+
+}  // namespace
+
+void reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights, bool acc_double,
+            void* out) {
+  switch (op) {
+    case kL1: return reduce_op<kL1>(meta, layout, weights, acc_double, out);
+    case kL2: return reduce_op<kL2>(meta, layout, weights, acc_double, out);
+    case kSq: return reduce_op<kSq>(meta, layout, weights, acc_double, out);
+    case kInf: return reduce_op<kInf>(meta, layout, weights, acc_double, out);
+    case kPenalty: return reduce_op<kPenalty>(meta, layout, weights, acc_double, out);
+  }
+}
+
+void backward(const int64_t* meta, MetaLayout layout, const void* scales, bool acc_double,
+              const int64_t* out_meta, void* const flat_out[kNumDTypes]) {
+  const int64_t n = layout.num_tensors;
+  const int64_t* dtypes = meta + layout.dtypes();
+  const int64_t* flat_offset = meta + layout.flat_offset();
+  dispatch_acc(acc_double, [&](auto acc_tag) {
+    using Acc = decltype(acc_tag);
+    const Acc* a = static_cast<const Acc*>(scales);
+    const Acc* b = a + n;
+    auto grad = [&](Acc x, int64_t i) { return grad_term(x, a[i], b[i]); };
+    auto dest = [&](int64_t i) -> void* {
+      if (out_meta != nullptr) return reinterpret_cast<void*>(out_meta[layout.ptrs() + i]);
+      int64_t offset = flat_offset[i];
+      void* base = flat_out[dtypes[i]];
+      void* result = nullptr;
+      dispatch_dtype(dtypes[i], [&](auto tag) {
+        using T = decltype(tag);
+        result = static_cast<T*>(base) + offset;
+      });
+      return result;
+    };
+    map_elements<Acc>(meta, layout, out_meta != nullptr, grad, dest);
+  });
+}
+
+void prox_l1(const int64_t* meta, MetaLayout layout, const void* thresholds, bool acc_double) {
+  const int64_t* ptrs = meta + layout.ptrs();
+  dispatch_acc(acc_double, [&](auto acc_tag) {
+    using Acc = decltype(acc_tag);
+    const Acc* t = static_cast<const Acc*>(thresholds);
+    auto shrink = [&](Acc x, int64_t i) { return soft_threshold(x, t[i]); };
+    auto dest = [&](int64_t i) { return reinterpret_cast<void*>(ptrs[i]); };
+    map_elements<Acc>(meta, layout, false, shrink, dest);
+  });
+}
+
+}  // namespace cpu
+}  // namespace regfuse

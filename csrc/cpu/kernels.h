@@ -1,0 +1,32 @@
+// regfuse CPU kernels: the same three entry points as the CUDA launchers
+// (cuda/launchers.h), over the same metadata, run on the host. No torch types in the
+// interface; the binding owns allocation and validation.
+#pragma once
+
+#include <cstdint>
+
+#include "../regfuse.h"
+
+namespace regfuse {
+namespace cpu {
+
+// Elements per chunk of the table built for CPU tensors: large enough that the per-chunk
+// cost (a table lookup and a dtype switch) vanishes, small enough that a 2-core machine
+// splits a single big tensor evenly.
+constexpr int64_t kChunkSize = 32768;
+
+// out: (n,) per-tensor results, or one scalar for kPenalty (weights: (2, n) row-major).
+// Both in double when acc_double, else float.
+void reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights, bool acc_double,
+            void* out);
+
+// Element x of tensor i gets scales[i] * sign(x) + scales[n + i] * x; destinations as in
+// cuda::backward (added in place to out_meta's tensors, or written to the flat buffers).
+void backward(const int64_t* meta, MetaLayout layout, const void* scales, bool acc_double,
+              const int64_t* out_meta, void* const flat_out[kNumDTypes]);
+
+// In place x = sign(x) * max(|x| - thresholds[i], 0); NaN stays NaN.
+void prox_l1(const int64_t* meta, MetaLayout layout, const void* thresholds, bool acc_double);
+
+}  // namespace cpu
+}  // namespace regfuse

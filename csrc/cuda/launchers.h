@@ -1,0 +1,47 @@
+// regfuse CUDA launchers: the only entry points of csrc/cuda/kernels.cu.
+//
+// Torch-free on purpose (flash-attention's habit): the binding (csrc/bindings.cpp) owns
+// allocation, validation and the current stream; these functions take raw device
+// pointers, int64 sizes and a cudaStream_t passed as void*. Every launcher returns the
+// CUDA error string of its launches, or nullptr on success, so the binding can raise.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../regfuse.h"
+
+namespace regfuse {
+namespace cuda {
+
+// Elements per chunk of the multi-tensor table built for CUDA tensors.
+constexpr int64_t kChunkSize = 16384;
+
+// Bytes of device scratch `reduce` needs for a list with this layout.
+size_t reduce_workspace_bytes(const MetaLayout& layout, bool acc_double);
+
+// Reductions (enum Reduction in regfuse.h) over every tensor of the list.
+//   meta:      device int64 buffer laid out as MetaLayout `layout` (chunk_size == kChunkSize)
+//   weights:   kPenalty only, (2, n) row-major in the accumulation dtype; else nullptr
+//   out:       (n,) per-tensor results, or one scalar for kPenalty, accumulation dtype
+//   workspace: reduce_workspace_bytes(layout, acc_double) bytes of device scratch
+// The accumulation dtype is double when acc_double, else float. Partial sums are combined
+// in a fixed order: the same input gives bitwise the same output.
+const char* reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights,
+                   bool acc_double, void* workspace, void* out, void* stream);
+
+// Element x of tensor i gets  scales[i] * sign(x) + scales[n + i] * x  (scales: (2, n)
+// row-major, accumulation dtype), computed in the accumulation dtype and rounded once.
+//   out_meta != nullptr: the result is added in place to the tensor whose data pointer is
+//     out_meta[i] (a MetaLayout buffer of the gradients; same shapes and dtypes).
+//   out_meta == nullptr: the result is written to flat_out[dtype_i] + flat_offset[i]
+//     (one flat output buffer per dtype code, nullptr for dtypes absent from the list).
+const char* backward(const int64_t* meta, MetaLayout layout, const void* scales, bool acc_double,
+                     const int64_t* out_meta, void* const flat_out[kNumDTypes], void* stream);
+
+// In place x = sign(x) * max(|x| - thresholds[i], 0); NaN stays NaN.
+const char* prox_l1(const int64_t* meta, MetaLayout layout, const void* thresholds,
+                    bool acc_double, void* stream);
+
+}  // namespace cuda
+}  // namespace regfuse

@@ -1,0 +1,48 @@
+"""The C++ extension's kernels behind the Backend protocol; shared by ``cpu`` and ``cuda``.
+
+The extension picks the CPU kernels or the CUDA launchers from the tensors' device; on
+CUDA it runs on the current stream, whose handle is passed down from here.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Reduction, grad_scales
+
+try:
+    from regfuse import _C
+except ImportError as exc:  # the package works without the extension (reference backend)
+    _C = None
+    IMPORT_ERROR: Optional[str] = f"the C++ extension regfuse._C is not built ({exc})"
+else:
+    IMPORT_ERROR = None
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
+           acc_dtype: torch.dtype) -> Tensor:
+    return _C.reduce(tensors, int(op), weights, acc_dtype == torch.float64, _stream(tensors[0].device))
+
+
+def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
+             weights: Optional[Tensor], acc_dtype: torch.dtype,
+             accumulate_into: Optional[Sequence[Tensor]] = None) -> Optional[list[Tensor]]:
+    n = len(tensors)
+    a, b = grad_scales(op, grad_out, norms, weights)
+    scales = torch.stack([a.to(acc_dtype).expand(n), b.to(acc_dtype).expand(n)])
+    stream = _stream(tensors[0].device)
+    acc_double = acc_dtype == torch.float64
+    if accumulate_into is None:
+        return _C.grad(tensors, scales, acc_double, stream)
+    _C.add_grad_(accumulate_into, tensors, scales, acc_double, stream)
+    return None
+
+
+def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
+    _C.prox_l1_(tensors, thresholds, thresholds.dtype == torch.float64, _stream(tensors[0].device))
