@@ -224,6 +224,10 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, con
   int64_t offset[kNumDTypes] = {0, 0, 0, 0};
   for (const at::Tensor& t : tensors) {
     const int64_t d = dtype_code(t.scalar_type());
+    if (t.numel() == 0) {  // no flat buffer exists for a dtype whose tensors are all empty
+      grads.push_back(at::empty(t.sizes(), t.options()));
+      continue;
+    }
     grads.push_back(flat[d].narrow(0, offset[d], t.numel()).view(t.sizes()));
     offset[d] += t.numel();
   }

@@ -44,16 +44,21 @@ def _coefficients(coefficients: Coefficients, n: int, info: ListInfo) -> Optiona
     """The per-tensor coefficients as a checked ``(n,)`` tensor, or ``None`` for all ones."""
     if coefficients is None:
         return None
-    c = torch.as_tensor(coefficients if isinstance(coefficients, Tensor) else list(coefficients))
+    values = coefficients if isinstance(coefficients, Tensor) else list(coefficients)
+    c = torch.as_tensor(values)
     if c.dim() != 1 or c.numel() != n:
         raise ValueError(f"regfuse: coefficients must be a sequence of {n} numbers (one per "
                          f"tensor), got shape {tuple(c.shape)}")
     if c.is_complex() or not (c.is_floating_point() or c.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"regfuse: coefficients must be real numbers, got dtype {c.dtype}")
-    c = c.to(device=info.device, dtype=info.acc_dtype)
-    if not bool((c >= 0).all()):  # also refuses NaN
+    if torch.compiler.is_compiling():
+        # A data-dependent branch would break the graph: check Python numbers only.
+        nonnegative = isinstance(values, Tensor) or all(float(v) >= 0 for v in values)
+    else:
+        nonnegative = bool((c >= 0).all())  # also refuses NaN
+    if not nonnegative:
         raise ValueError("regfuse: coefficients must be non-negative")
-    return c
+    return c.to(device=info.device, dtype=info.acc_dtype)
 
 
 @functools.lru_cache(maxsize=64)

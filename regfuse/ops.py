@@ -88,9 +88,10 @@ def _(tensors, op, weights, backend):
 def reduce_backward(tensors: list[Tensor], op: int, grad_out: Tensor, norms: Optional[Tensor],
                     weights: Optional[Tensor], backend: str) -> list[Tensor]:
     grads = run_reduce_backward(tensors, Reduction(op), grad_out, norms, weights, backend)
-    # Custom-op outputs may not share storage; the fused kernel's single flat buffer is
-    # kept by the eager autograd path below, which calls the backend directly.
-    return [g.clone() if g._base is not None else g for g in grads]
+    # Custom-op outputs may not share storage, and the fused kernels return views of one
+    # flat buffer: copy them. Only traced graphs pay this; the eager autograd path below
+    # calls the backend directly and keeps the single buffer.
+    return [g.clone() for g in grads]
 
 
 @reduce_backward.register_fake
@@ -106,6 +107,11 @@ def _setup_reduce(ctx, inputs, output):
     ctx.save_for_backward(*tensors, output, weights)
 
 
+def _tracing(tensors: Sequence[Tensor]) -> bool:
+    """Whether the backward is being traced (dynamo, or AOT autograd's fake tensors)."""
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode(tensors) is not None
+
+
 def _backward_reduce(ctx, grad_out):
     saved = ctx.saved_tensors
     tensors, norms, weights = list(saved[:ctx.num_tensors]), saved[-2], saved[-1]
@@ -115,7 +121,7 @@ def _backward_reduce(ctx, grad_out):
     elif torch.is_grad_enabled() and (grad_out.requires_grad or any(t.requires_grad for t in tensors)):
         acc_dtype = norms.dtype
         grads = reference.backward(tensors, op, grad_out.to(acc_dtype), norms, weights, acc_dtype)
-    elif torch.compiler.is_compiling():
+    elif _tracing(tensors):
         grads = reduce_backward(tensors, int(op), grad_out, norms, weights, ctx.backend)
     else:
         grads = run_reduce_backward(tensors, op, grad_out, norms, weights, ctx.backend)

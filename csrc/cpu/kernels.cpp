@@ -97,9 +97,10 @@ inline void fold(Partial& p, double first, double second) {
   p.second += second;
 }
 
-template <int kOp, typename T>
+// Lane is the accumulation type: float keeps float32 lists at float32 speed, double
+// (any float64 in the list) gives every tensor of the list float64 sums.
+template <int kOp, typename Lane, typename T>
 Partial reduce_chunk(const T* x, int64_t n) {
-  using Lane = std::conditional_t<std::is_same_v<T, double>, double, float>;
   Partial p;
   for (int64_t block = 0; block < n; block += kBlock) {
     const T* xb = x + block;
@@ -116,7 +117,7 @@ Partial reduce_chunk(const T* x, int64_t n) {
   return p;
 }
 
-template <int kOp>
+template <int kOp, typename Acc>
 std::vector<Partial> chunk_partials(const int64_t* meta, const MetaLayout& layout) {
   std::vector<Partial> partials(layout.num_chunks);
   const int64_t* ptrs = meta + layout.ptrs();
@@ -124,7 +125,7 @@ std::vector<Partial> chunk_partials(const int64_t* meta, const MetaLayout& layou
   for_each_chunk(meta, layout, [&](int64_t c, int64_t i, int64_t start, int64_t len) {
     dispatch_dtype(dtypes[i], [&](auto tag) {
       using T = decltype(tag);
-      partials[c] = reduce_chunk<kOp>(reinterpret_cast<const T*>(ptrs[i]) + start, len);
+      partials[c] = reduce_chunk<kOp, Acc>(reinterpret_cast<const T*>(ptrs[i]) + start, len);
     });
   });
   return partials;
@@ -160,9 +161,9 @@ void finish(const int64_t* meta, const MetaLayout& layout, const std::vector<Par
 template <int kOp>
 void reduce_op(const int64_t* meta, const MetaLayout& layout, const void* weights, bool acc_double,
                void* out) {
-  const std::vector<Partial> partials = chunk_partials<kOp>(meta, layout);
   dispatch_acc(acc_double, [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
+    const std::vector<Partial> partials = chunk_partials<kOp, Acc>(meta, layout);
     finish<kOp>(meta, layout, partials, static_cast<const Acc*>(weights), static_cast<Acc*>(out));
   });
 }

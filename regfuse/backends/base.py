@@ -100,7 +100,10 @@ def grad_scales(op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
         return zero.expand_as(grad_out), 2 * grad_out
     if op == Reduction.L2:
         assert norms is not None
-        return zero.expand_as(grad_out), torch.where(norms == 0, zero, grad_out / norms)
+        # Divide by a safe denominator: where() alone would still let a double backward
+        # through grad_out / 0 produce 0 * inf = NaN.
+        is_zero = norms == 0
+        return zero.expand_as(grad_out), torch.where(is_zero, zero, grad_out / torch.where(is_zero, 1, norms))
     if op == Reduction.PENALTY:
         assert weights is not None
         return grad_out * weights[0], 2 * grad_out * weights[1]

@@ -26,7 +26,8 @@ def _per_tensor(tensors: Sequence[Tensor], op: Reduction, acc_dtype: torch.dtype
     if op == Reduction.SQ:
         return torch.stack([(x * x).sum() for x in flat])
     if op == Reduction.L2:
-        return torch.stack([torch.linalg.vector_norm(x) for x in flat])
+        # Not vector_norm: in float32 it is off by ~1e-5 relative on 300k elements.
+        return torch.stack([(x * x).sum().sqrt() for x in flat])
     if op == Reduction.INF:
         # vector_norm(inf) refuses empty inputs; the norm of nothing is 0 here.
         return torch.stack([

@@ -1,0 +1,178 @@
+"""Fused reductions (L1, L2, squared L2, max-abs, weighted penalty) over a tensor list.
+
+Memory traffic: every element is read once (both terms of the penalty come from the
+same load); the partials are one or two numbers per chunk of ``chunk_size`` elements.
+
+Stage 1 (:func:`_partials_kernel`, one program per chunk) writes the chunk's partial
+sum (or max) to its own slot: no atomics. Stage 2 (:func:`_combine_kernel`, one
+program per tensor) combines that tensor's partials in index order through a fixed
+reduction tree, so the same input gives bitwise the same result on every run. Multiply-adds may be
+fused (``x * x`` into the running sum): one rounding instead of two.
+
+NaN handling for the max-abs norm: ``tl.maximum`` and ``tl.max`` may drop NaN on a GPU,
+so the max is taken over the non-NaN values and the NaN values are summed apart (a sum
+of NaN is NaN, of nothing is 0); adding the two gives NaN exactly when any element is
+NaN, as ``torch.linalg.vector_norm(x, inf)`` does.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..backends.base import Reduction
+from ..chunks import build_metadata
+from . import (CONFIG, FLOAT16, FLOAT32, FLOAT64, OP_INF, OP_L1, OP_L2, OP_PENALTY, acc_type,
+               chunk_work, device_guard, load_block, typed_pointer)
+
+
+@triton.jit
+def _accumulate(first, second, x, OP: tl.constexpr):
+    """Fold block ``x`` (accumulation dtype, 0 where masked) into the running blocks."""
+    if OP == OP_INF:
+        magnitude = tl.abs(x)
+        is_nan = x != x
+        first = tl.maximum(first, tl.where(is_nan, 0.0, magnitude))
+        second += tl.where(is_nan, x, 0.0)
+    elif OP == OP_L1:
+        first += tl.abs(x)
+    elif OP == OP_PENALTY:
+        first += tl.abs(x)
+        second += x * x
+    else:  # OP_L2, OP_SQ
+        first += x * x
+    return first, second
+
+
+@triton.jit
+def _finish(first, second, OP: tl.constexpr):
+    """The scalars a block pair stands for: (sum or NaN-aware max, second sum)."""
+    if OP == OP_INF:
+        return tl.max(first, axis=0) + tl.sum(second, axis=0), tl.sum(second, axis=0)
+    return tl.sum(first, axis=0), tl.sum(second, axis=0)
+
+
+@triton.jit
+def _sqrt(x):
+    """Correctly rounded square root, as torch's (``tl.sqrt`` is approximate in float32)."""
+    if x.dtype == tl.float64:
+        root = tl.sqrt(x)  # sqrt.rn.f64: float64 has no approximate square root
+    else:
+        root = tl.sqrt_rn(x)
+    return root
+
+
+@triton.jit
+def _partials_steps(x_ptr, start, numel, OP: tl.constexpr, CHUNK: tl.constexpr,
+                    BLOCK: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr):
+    """The partial(s) of the chunk, unmasked loads unless ``MASKED``."""
+    first = tl.zeros([BLOCK], dtype=ACC)
+    second = tl.zeros([BLOCK], dtype=ACC)
+    for step in tl.static_range(0, CHUNK, BLOCK):
+        offsets = start + step + tl.arange(0, BLOCK)
+        x = load_block(x_ptr, offsets, numel, MASKED).to(ACC)
+        first, second = _accumulate(first, second, x, OP)
+    return _finish(first, second, OP)
+
+
+@triton.jit
+def _chunk_partials(x_ptr, start, numel, OP: tl.constexpr, CHUNK: tl.constexpr,
+                    BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """The partial(s) of elements ``[start, start + CHUNK)`` of the tensor at ``x_ptr``."""
+    if start + CHUNK <= numel:  # a full chunk: unmasked, vectorizable (see load_block)
+        first, second = _partials_steps(x_ptr, start, numel, OP, CHUNK, BLOCK, ACC, False)
+    else:
+        first, second = _partials_steps(x_ptr, start, numel, OP, CHUNK, BLOCK, ACC, True)
+    return first, second
+
+
+@triton.jit
+def _partials_kernel(
+    meta,  # int64 multi-tensor metadata (regfuse/chunks.py)
+    partials,  # (num_parts, num_chunks) accumulation dtype: the output of this stage
+    num_tensors, num_chunks,
+    OP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every data pointer is 16-byte aligned
+):
+    chunk = tl.program_id(0)
+    tensor, start, numel, code, address = chunk_work(meta, chunk, num_tensors, num_chunks, CHUNK)
+    if code == FLOAT32:
+        first, second = _chunk_partials(typed_pointer(address, tl.float32, ALIGNED), start, numel,
+                                        OP, CHUNK, BLOCK, ACC)
+    elif code == FLOAT64:
+        first, second = _chunk_partials(typed_pointer(address, tl.float64, ALIGNED), start, numel,
+                                        OP, CHUNK, BLOCK, ACC)
+    elif code == FLOAT16:
+        first, second = _chunk_partials(typed_pointer(address, tl.float16, ALIGNED), start, numel,
+                                        OP, CHUNK, BLOCK, ACC)
+    else:
+        first, second = _chunk_partials(typed_pointer(address, tl.bfloat16, ALIGNED), start, numel,
+                                        OP, CHUNK, BLOCK, ACC)
+    tl.store(partials + chunk, first)
+    if OP == OP_PENALTY:
+        tl.store(partials + num_chunks + chunk, second)
+
+
+@triton.jit
+def _combine_kernel(
+    meta,  # int64 multi-tensor metadata: chunk_offsets says which partials are whose
+    partials,  # (num_parts, num_chunks) from _partials_kernel
+    weights,  # PENALTY: (2, num_tensors) weights of sum|x| and sum x**2; else unused
+    out,  # (num_tensors,) accumulation dtype: per-tensor result (PENALTY: weighted terms)
+    num_tensors, num_chunks,
+    OP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    tensor = tl.program_id(0)
+    begin = tl.load(meta + 3 * num_tensors + tensor)
+    end = tl.load(meta + 3 * num_tensors + tensor + 1)
+    first = tl.zeros([BLOCK], dtype=ACC)
+    second = tl.zeros([BLOCK], dtype=ACC)
+    for block_start in range(begin, end, BLOCK):
+        index = block_start + tl.arange(0, BLOCK)
+        mask = index < end
+        part = tl.load(partials + index, mask=mask, other=0.0)
+        if OP == OP_INF:
+            first, second = _accumulate(first, second, part, OP)
+        else:
+            first += part
+        if OP == OP_PENALTY:
+            second += tl.load(partials + num_chunks + index, mask=mask, other=0.0)
+    total, second_total = _finish(first, second, OP)
+    if OP == OP_L2:
+        total = _sqrt(total)
+    elif OP == OP_PENALTY:
+        total = (tl.load(weights + tensor) * total
+                 + tl.load(weights + num_tensors + tensor) * second_total)
+    tl.store(out + tensor, total)
+
+
+def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
+           acc_dtype: torch.dtype) -> Tensor:
+    """Per-tensor reductions of ``tensors`` (``(n,)``), or the 0-d weighted penalty.
+
+    ``tensors``: non-empty list of contiguous tensors on one device; ``weights``: ``(2, n)``
+    in ``acc_dtype`` for ``PENALTY``, else ``None``. Deterministic.
+    """
+    device = tensors[0].device
+    meta, layout = build_metadata(tensors, CONFIG.chunk_size)
+    n, num_chunks = layout.num_tensors, layout.num_chunks
+    acc = acc_type(acc_dtype)
+    op = int(op)
+    num_parts = 2 if op == Reduction.PENALTY else 1
+    partials = torch.empty((num_parts, num_chunks), dtype=acc_dtype, device=device)
+    out = torch.empty(n, dtype=acc_dtype, device=device)
+    weights_arg = weights.contiguous() if weights is not None else out  # unused unless PENALTY
+    with device_guard(device):
+        if num_chunks:  # a list of empty tensors has nothing to read
+            _partials_kernel[(num_chunks,)](meta, partials, n, num_chunks, OP=op,
+                                            CHUNK=CONFIG.chunk_size, BLOCK=CONFIG.block, ACC=acc,
+                                            ALIGNED=layout.ptrs_aligned, num_warps=CONFIG.num_warps,
+                                            enable_fp_fusion=True)
+        _combine_kernel[(n,)](meta, partials, weights_arg, out, n, num_chunks, OP=op,
+                              BLOCK=CONFIG.combine_block, ACC=acc, num_warps=CONFIG.num_warps,
+                              enable_fp_fusion=True)
+    # torch's sum over the n weighted terms is a fixed-order reduction (no atomics).
+    return out.sum() if op == Reduction.PENALTY else out

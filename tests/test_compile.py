@@ -1,0 +1,85 @@
+"""The torch.library ops pass ``opcheck``, and ``torch.compile(fullgraph=True)`` traces
+code calling ``regfuse.norms`` and ``regfuse.penalty`` (with backward) without a break."""
+import pytest
+import torch
+
+import regfuse
+from regfuse.backends.base import Reduction
+from cases import F16, F64, assert_close, assert_lists_close, is_interpreted
+
+def _sample(device, requires_grad: bool = True) -> list[torch.Tensor]:
+    # Mixed dtypes, a 0-d and an empty tensor: the op schema takes any of them.
+    shapes_dtypes = [((5,), torch.float32), ((2, 3), F16), ((), torch.float32), ((0,), F64), ((4,), F64)]
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randn(s, generator=gen, dtype=F64).to(device=device, dtype=d).requires_grad_(requires_grad)
+            for s, d in shapes_dtypes]
+
+
+def _weights(n: int, device) -> torch.Tensor:
+    return torch.rand(2, n, dtype=F64, device=device)  # the sample accumulates in float64
+
+
+@pytest.mark.parametrize("op", list(Reduction), ids=lambda op: op.name)
+def test_opcheck_reduce(backend, device, op):
+    tensors = _sample(device)
+    weights = _weights(len(tensors), device) if op == Reduction.PENALTY else None
+    torch.library.opcheck(torch.ops.regfuse.reduce.default, (tensors, int(op), weights, backend))
+
+
+def test_opcheck_reduce_backward(backend, device):
+    tensors = _sample(device, requires_grad=False)
+    n = len(tensors)
+    norms = torch.rand(n, dtype=F64, device=device) + 0.5
+    grad_norms = torch.rand(n, dtype=F64, device=device)
+    grad_penalty = torch.tensor(1.5, dtype=F64, device=device)
+    reduce_backward = torch.ops.regfuse.reduce_backward.default
+    torch.library.opcheck(reduce_backward, (tensors, int(Reduction.L2), grad_norms, norms, None, backend))
+    torch.library.opcheck(reduce_backward, (tensors, int(Reduction.PENALTY), grad_penalty, None,
+                                            _weights(n, device), backend))
+
+
+def test_opcheck_in_place_ops(backend, device):
+    tensors = _sample(device, requires_grad=False)
+    grads = [torch.randn_like(t) for t in tensors]
+    weights = _weights(len(tensors), device)
+    torch.library.opcheck(torch.ops.regfuse.add_grad_.default, (grads, tensors, weights, backend))
+    thresholds = torch.rand(len(tensors), dtype=F64, device=device)
+    params = [t.clone() for t in tensors]
+    torch.library.opcheck(torch.ops.regfuse.prox_l1_.default, (params, thresholds, backend))
+
+
+def _loss(params: list[torch.Tensor], backend: str, coefficients=None) -> torch.Tensor:
+    penalty = regfuse.penalty(params, 1e-2, 1e-3, coefficients=coefficients, backend=backend)
+    l2_norms = regfuse.norms(params, 2, backend=backend)
+    return penalty + l2_norms.sum() + regfuse.norms(params, 1, backend=backend)[0]
+
+
+def _check_compiled_matches_eager(backend: str, device, coefficients=None) -> None:
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(6)
+    eager = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in [(7, 3), (4,), ()]]
+    compiled = [p.detach().clone().requires_grad_() for p in eager]
+
+    expected = _loss(eager, backend, coefficients)
+    expected.backward()
+    # fullgraph=True: any graph break is an error.
+    got = torch.compile(_loss, fullgraph=True)(compiled, backend, coefficients)
+    got.backward()
+
+    assert_close(got, expected, what="compiled loss")
+    assert_lists_close([p.grad for p in compiled], [p.grad for p in eager], what="compiled grad")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_with_backward(backend, device):
+    # Compiling takes tens of seconds on a small CPU machine: one compile per backend, and
+    # none for the Triton interpreter, which nobody compiles for.
+    if is_interpreted(backend, device):
+        pytest.skip("torch.compile is not checked through the Triton interpreter")
+    _check_compiled_matches_eager(backend, device)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_with_coefficients(device):
+    # One backend suffices: the coefficients are checked and scaled before any backend runs.
+    _check_compiled_matches_eager("reference", device, coefficients=[1.0, 0.5, 2.0])

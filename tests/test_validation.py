@@ -1,0 +1,183 @@
+"""Bad input raises the documented exception before any kernel runs, and modifies nothing.
+
+Each bad input is placed last in an otherwise valid list, so that an implementation
+that processed tensors one at a time would already have changed the first ones.
+"""
+import math
+from typing import Callable, NamedTuple, Optional
+
+import pytest
+import torch
+
+import regfuse
+from regfuse import backends
+
+L1, L2, THRESHOLD = 0.5, 0.25, 0.1
+
+# The four public ops, called with valid strengths; bad arguments come through **kwargs.
+OPS: dict[str, Callable] = {
+    "norms": lambda tensors, **kw: regfuse.norms(tensors, **kw),
+    "penalty": lambda tensors, **kw: regfuse.penalty(tensors, kw.pop("l1", L1), kw.pop("l2", L2), **kw),
+    "add_penalty_grad_": lambda tensors, **kw: regfuse.add_penalty_grad_(
+        tensors, kw.pop("l1", L1), kw.pop("l2", L2), **kw),
+    "prox_l1_": lambda tensors, **kw: regfuse.prox_l1_(tensors, kw.pop("threshold", THRESHOLD), **kw),
+}
+WITH_COEFFICIENTS = ("penalty", "add_penalty_grad_", "prox_l1_")
+WITH_STRENGTHS = ("penalty", "add_penalty_grad_")
+
+
+def _valid_params(device) -> list[torch.Tensor]:
+    """Mixed dtypes and layouts; the first has a gradient, the second none."""
+    params = [torch.randn(4, 3, device=device, requires_grad=True),
+              torch.randn(5, device=device, dtype=torch.float16, requires_grad=True),
+              torch.randn(6, 2, device=device, dtype=torch.float64).t().detach().requires_grad_()]
+    params[0].grad = torch.randn(4, 3, device=device)
+    params[2].grad = torch.randn(6, 2, device=device, dtype=torch.float64).t()
+    return params
+
+
+class Snapshot(NamedTuple):
+    values: list[torch.Tensor]
+    grads: list[Optional[torch.Tensor]]
+    versions: list[int]
+
+    @classmethod
+    def of(cls, tensors) -> "Snapshot":
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+        return cls([t.detach().clone() for t in tensors],
+                   [None if t.grad is None else t.grad.to_dense().clone() for t in tensors],
+                   [t._version for t in tensors])
+
+    def assert_unchanged(self, tensors) -> None:
+        now = Snapshot.of(tensors)
+        assert now.versions == self.versions, "a version counter moved"
+        for i, (before, after) in enumerate(zip(self.values, now.values)):
+            assert torch.equal(before, after), f"tensor {i} was modified"
+        for i, (before, after) in enumerate(zip(self.grads, now.grads)):
+            assert (before is None) == (after is None), f"gradient {i} was created or dropped"
+            assert before is None or torch.equal(before, after), f"gradient {i} was modified"
+
+
+def _assert_raises_and_keeps(op: str, tensors, error: type, match: str, **kwargs) -> None:
+    snapshot = Snapshot.of(tensors) if isinstance(tensors, list) else None
+    with pytest.raises(error, match=match):
+        OPS[op](tensors, **kwargs)
+    if snapshot is not None:
+        snapshot.assert_unchanged(tensors)
+
+
+def _other_device() -> torch.device:
+    # Shape-only "meta" tensors stand in for a second device where there is no GPU.
+    return torch.device("cuda" if torch.cuda.is_available() else "meta")
+
+
+BAD_ELEMENTS = {
+    "int tensor": (lambda d: torch.arange(3, device=d), TypeError, "dtype"),
+    "bool tensor": (lambda d: torch.ones(2, dtype=torch.bool, device=d), TypeError, "dtype"),
+    "complex tensor": (lambda d: torch.ones(2, dtype=torch.complex64, device=d), TypeError, "dtype"),
+    "not a tensor": (lambda d: 1.5, TypeError, "not a torch.Tensor"),
+    "other device": (lambda d: torch.ones(2, device=_other_device()), ValueError, "one device"),
+}
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("bad", BAD_ELEMENTS)
+def test_bad_element_last(backend, device, op, bad):
+    make, error, match = BAD_ELEMENTS[bad]
+    if bad == "other device" and _other_device() == device:
+        pytest.skip("needs a second device")
+    tensors = _valid_params(device) + [make(device)]
+    _assert_raises_and_keeps(op, tensors, error, match, backend=backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_single_tensor_instead_of_a_list(op):
+    t = torch.randn(3, requires_grad=True)
+    _assert_raises_and_keeps(op, t, TypeError, "single Tensor")
+    assert t.grad is None
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_not_iterable(op):
+    _assert_raises_and_keeps(op, 3, TypeError, "iterable")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_unknown_backend_name(op):
+    _assert_raises_and_keeps(op, _valid_params("cpu"), ValueError, "unknown backend", backend="fastest")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("name", backends.NAMES)
+def test_unavailable_backend_says_why(op, name):
+    reason = backends.unavailable_reason(name, torch.device("cpu"))
+    if reason is None:
+        pytest.skip(f"{name} is available for cpu tensors here")
+    _assert_raises_and_keeps(op, _valid_params("cpu"), RuntimeError, f"'{name}'.*not available",
+                             backend=name)
+
+
+@pytest.mark.parametrize("p, squared", [(3, False), (0, False), (-1, False), ("fro", False),
+                                        (math.nan, False), (1, True), (math.inf, True)])
+def test_norms_unsupported_p(backend, device, p, squared):
+    _assert_raises_and_keeps("norms", _valid_params(device), ValueError, "p=", p=p, squared=squared,
+                             backend=backend)
+
+
+@pytest.mark.parametrize("op", WITH_STRENGTHS)
+@pytest.mark.parametrize("strengths", [{"l1": -0.1}, {"l2": -1e-9}, {"l1": math.nan}, {"l2": -math.inf}],
+                         ids=["l1<0", "l2<0", "l1 nan", "l2 -inf"])
+def test_negative_strength(backend, device, op, strengths):
+    _assert_raises_and_keeps(op, _valid_params(device), ValueError, "non-negative", backend=backend,
+                             **strengths)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, math.nan])
+def test_prox_negative_threshold(backend, device, threshold):
+    _assert_raises_and_keeps("prox_l1_", _valid_params(device), ValueError, "non-negative",
+                             threshold=threshold, backend=backend)
+
+
+BAD_COEFFICIENTS = {
+    "negative": ([1.0, -0.5, 1.0], "non-negative"),
+    "nan": ([1.0, math.nan, 1.0], "non-negative"),
+    "too short": ([1.0, 1.0], "one per tensor"),
+    "too long": ([1.0, 1.0, 1.0, 1.0], "one per tensor"),
+    "2-d tensor": (torch.ones(3, 1), "one per tensor"),
+    "complex": (torch.ones(3, dtype=torch.complex64), "real"),
+}
+
+
+@pytest.mark.parametrize("op", WITH_COEFFICIENTS)
+@pytest.mark.parametrize("bad", BAD_COEFFICIENTS)
+def test_bad_coefficients(backend, device, op, bad):
+    coefficients, match = BAD_COEFFICIENTS[bad]
+    _assert_raises_and_keeps(op, _valid_params(device), ValueError, match, coefficients=coefficients,
+                             backend=backend)
+
+
+def test_penalty_empty_list_with_coefficients():
+    with pytest.raises(ValueError, match="coefficients"):
+        regfuse.penalty([], L1, coefficients=[1.0])
+
+
+def _param_with_stale_grad(change, device) -> torch.Tensor:
+    """A parameter whose ``.data`` was swapped after its gradient was set (how a gradient of
+    another shape or dtype can arise: torch checks ``.grad`` assignments themselves)."""
+    p = torch.randn(4, device=device, requires_grad=True)
+    p.grad = torch.randn(4, device=device)
+    p.data = change(p.data)
+    return p
+
+
+@pytest.mark.parametrize("change", [lambda d: d.new_zeros(5), lambda d: d.double()], ids=["shape", "dtype"])
+def test_add_grad_mismatched_gradient(backend, device, change):
+    tensors = _valid_params(device) + [_param_with_stale_grad(change, device)]
+    _assert_raises_and_keeps("add_penalty_grad_", tensors, ValueError, "gradient", backend=backend)
+
+
+def test_add_grad_sparse_gradient(backend, device):
+    p = torch.randn(4, 3, device=device, requires_grad=True)
+    p.grad = torch.randn(4, 3, device=device).to_sparse()
+    tensors = _valid_params(device) + [p]
+    _assert_raises_and_keeps("add_penalty_grad_", tensors, TypeError, "sparse", backend=backend)
