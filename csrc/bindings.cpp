@@ -6,6 +6,7 @@
 
 #include <c10/core/DeviceGuard.h>
 
+#include <limits>
 #include <list>
 #include <mutex>
 #include <unordered_map>
@@ -185,53 +186,96 @@ at::Tensor reduce(const std::vector<at::Tensor>& tensors, int64_t op,
   return out;
 }
 
-// Launches the fused gradient; with `into` it adds to those tensors, else it writes one
-// flat buffer per dtype and returns views of them shaped like the inputs.
+// Gradient outputs shaped like `tensors`: per dtype, consecutive tensors share a buffer of
+// at most max_bytes (a larger tensor gets its own). `base[d]` is the first buffer of dtype
+// d: with an unbounded max_bytes it is the one flat buffer the CUDA kernels write through.
+struct GradOutputs {
+  std::vector<at::Tensor> grads;
+  std::vector<int64_t> ptrs;
+  void* base[kNumDTypes] = {nullptr, nullptr, nullptr, nullptr};
+};
+
+GradOutputs allocate_grads(const std::vector<at::Tensor>& tensors, int64_t max_bytes) {
+  const size_t n = tensors.size();
+  std::vector<int64_t> buffer_of(n, -1), offset_of(n, 0), buffer_numel;
+  std::vector<at::ScalarType> buffer_type;
+  int64_t open[kNumDTypes] = {-1, -1, -1, -1};
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0) continue;
+    const int64_t d = dtype_code(t.scalar_type());
+    int64_t& b = open[d];
+    if (b < 0 || (buffer_numel[b] + t.numel()) * static_cast<int64_t>(t.element_size()) > max_bytes) {
+      b = static_cast<int64_t>(buffer_numel.size());
+      buffer_numel.push_back(0);
+      buffer_type.push_back(t.scalar_type());
+    }
+    buffer_of[i] = b;
+    offset_of[i] = buffer_numel[b];
+    buffer_numel[b] += t.numel();
+  }
+  std::vector<at::Tensor> buffers;
+  buffers.reserve(buffer_numel.size());
+  for (size_t b = 0; b < buffer_numel.size(); ++b)
+    buffers.push_back(at::empty({buffer_numel[b]}, tensors[0].options().dtype(buffer_type[b])));
+  GradOutputs out;
+  out.grads.reserve(n);
+  out.ptrs.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensors[i];
+    if (buffer_of[i] < 0) {
+      out.grads.push_back(at::empty(t.sizes(), t.options()));
+    } else {
+      out.grads.push_back(buffers[buffer_of[i]].narrow(0, offset_of[i], t.numel()).view(t.sizes()));
+      void*& base = out.base[dtype_code(t.scalar_type())];
+      if (base == nullptr) base = buffers[buffer_of[i]].data_ptr();
+    }
+    out.ptrs[i] = reinterpret_cast<int64_t>(out.grads.back().data_ptr());
+  }
+  return out;
+}
+
+// glibc serves blocks over 32 MB with fresh pages from mmap on every call; faulting in a
+// 100 MB gradient costs four times the kernel that fills it, so CPU buffers stay smaller.
+constexpr int64_t kCpuGradBufferBytes = 16 << 20;
+
+// Launches the fused gradient; with `into` it adds to those tensors, else it returns new
+// gradients (views of a few shared buffers).
 std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, const at::Tensor& scales,
                                      bool acc_double, const std::vector<at::Tensor>* into,
                                      int64_t stream) {
   const Metadata meta = metadata_for(tensors);
   c10::DeviceGuard guard(tensors[0].device());
   const at::Tensor s = acc_vector(scales, acc_double);
-  static const at::ScalarType kTypes[kNumDTypes] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
-  at::Tensor flat[kNumDTypes];
-  void* flat_ptrs[kNumDTypes] = {nullptr, nullptr, nullptr, nullptr};
-  const int64_t* out_table = nullptr;
-  Metadata out_meta;
-  if (into != nullptr) {
-    out_meta = metadata_for(*into);
-    out_table = out_meta.table.data_ptr<int64_t>();
-  } else {
-    for (int d = 0; d < kNumDTypes; ++d) {
-      if (meta.flat_size[d] == 0) continue;
-      flat[d] = at::empty({meta.flat_size[d]}, tensors[0].options().dtype(kTypes[d]));
-      flat_ptrs[d] = flat[d].data_ptr();
-    }
-  }
   const int64_t* table = meta.table.data_ptr<int64_t>();
   if (on_cuda(tensors)) {
 #ifdef REGFUSE_WITH_CUDA
-    check_cuda_status(cuda::backward(table, meta.layout, s.data_ptr(), acc_double, out_table,
-                                     flat_ptrs, stream_ptr(stream)));
-#endif
-  } else {
-    py::gil_scoped_release no_gil;
-    cpu::backward(table, meta.layout, s.data_ptr(), acc_double, out_table, flat_ptrs);
-  }
-  std::vector<at::Tensor> grads;
-  if (into != nullptr) return grads;
-  grads.reserve(tensors.size());
-  int64_t offset[kNumDTypes] = {0, 0, 0, 0};
-  for (const at::Tensor& t : tensors) {
-    const int64_t d = dtype_code(t.scalar_type());
-    if (t.numel() == 0) {  // no flat buffer exists for a dtype whose tensors are all empty
-      grads.push_back(at::empty(t.sizes(), t.options()));
-      continue;
+    GradOutputs out;
+    const int64_t* out_table = nullptr;
+    Metadata out_meta;
+    if (into != nullptr) {
+      out_meta = metadata_for(*into);
+      out_table = out_meta.table.data_ptr<int64_t>();
+    } else {
+      out = allocate_grads(tensors, std::numeric_limits<int64_t>::max());
     }
-    grads.push_back(flat[d].narrow(0, offset[d], t.numel()).view(t.sizes()));
-    offset[d] += t.numel();
+    check_cuda_status(cuda::backward(table, meta.layout, s.data_ptr(), acc_double, out_table,
+                                     out.base, stream_ptr(stream)));
+    return std::move(out.grads);
+#endif
   }
-  return grads;
+  GradOutputs out;
+  if (into != nullptr) {
+    out.ptrs.reserve(into->size());
+    for (const at::Tensor& g : *into) out.ptrs.push_back(reinterpret_cast<int64_t>(g.data_ptr()));
+  } else {
+    out = allocate_grads(tensors, kCpuGradBufferBytes);
+  }
+  {
+    py::gil_scoped_release no_gil;
+    cpu::backward(table, meta.layout, s.data_ptr(), acc_double, out.ptrs.data(), into != nullptr);
+  }
+  return std::move(out.grads);
 }
 
 std::vector<at::Tensor> grad(const std::vector<at::Tensor>& tensors, const at::Tensor& scales,

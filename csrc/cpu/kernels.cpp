@@ -13,8 +13,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../penalties.h"
@@ -23,10 +25,9 @@ namespace regfuse {
 namespace cpu {
 namespace {
 
-constexpr int kLanes = 16;
-constexpr int64_t kBlock = 1024;
+constexpr int64_t kBlock = 4096;
 // Below this many elements per task, a parallel region costs more than it saves.
-constexpr int64_t kMinElementsPerTask = 32768;
+constexpr int64_t kMinElementsPerTask = 262144;
 
 template <typename F>
 void dispatch_dtype(int64_t code, F&& f) {
@@ -71,22 +72,6 @@ struct Partial {
   double second = 0;
 };
 
-template <int kOp, typename Lane>
-inline void accumulate(Lane& first, Lane& second, Lane v) {
-  if constexpr (kOp == kL1) {
-    first += std::abs(v);
-  } else if constexpr (kOp == kL2 || kOp == kSq) {
-    first += v * v;
-  } else if constexpr (kOp == kInf) {
-    const Lane a = std::abs(v);
-    first = a > first ? a : first;
-    second += (v != v) ? Lane(1) : Lane(0);  // NaN count: max() alone would drop a NaN
-  } else {
-    first += std::abs(v);
-    second += v * v;
-  }
-}
-
 template <int kOp>
 inline void fold(Partial& p, double first, double second) {
   if constexpr (kOp == kInf) {
@@ -97,24 +82,41 @@ inline void fold(Partial& p, double first, double second) {
   p.second += second;
 }
 
-// Lane is the accumulation type: float keeps float32 lists at float32 speed, double
-// (any float64 in the list) gives every tensor of the list float64 sums.
+// The reduction loop, compiled for AVX2 and for the baseline x86-64 / other targets;
+// chunk_partials picks one at run time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define REGFUSE_HAVE_AVX2_PATH 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define REGFUSE_CPU_ISA avx2
+#define REGFUSE_VECTOR_BYTES 32
+#include "reduce_chunk.h"
+#undef REGFUSE_CPU_ISA
+#undef REGFUSE_VECTOR_BYTES
+#pragma GCC pop_options
+#endif
+
+#define REGFUSE_CPU_ISA baseline
+#define REGFUSE_VECTOR_BYTES 16
+#include "reduce_chunk.h"
+#undef REGFUSE_CPU_ISA
+#undef REGFUSE_VECTOR_BYTES
+
+bool cpu_has_avx2() {
+#ifdef REGFUSE_HAVE_AVX2_PATH
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  return has_avx2;
+#else
+  return false;
+#endif
+}
+
 template <int kOp, typename Lane, typename T>
 Partial reduce_chunk(const T* x, int64_t n) {
-  Partial p;
-  for (int64_t block = 0; block < n; block += kBlock) {
-    const T* xb = x + block;
-    const int64_t len = std::min(kBlock, n - block);
-    Lane first[kLanes] = {};
-    Lane second[kLanes] = {};
-    int64_t k = 0;
-    for (; k + kLanes <= len; k += kLanes) {
-      for (int j = 0; j < kLanes; ++j) accumulate<kOp>(first[j], second[j], static_cast<Lane>(xb[k + j]));
-    }
-    for (; k < len; ++k) accumulate<kOp>(first[0], second[0], static_cast<Lane>(xb[k]));
-    for (int j = 0; j < kLanes; ++j) fold<kOp>(p, first[j], second[j]);
-  }
-  return p;
+#ifdef REGFUSE_HAVE_AVX2_PATH
+  if (cpu_has_avx2()) return avx2::reduce_chunk<kOp, Lane>(x, n);
+#endif
+  return baseline::reduce_chunk<kOp, Lane>(x, n);
 }
 
 template <int kOp, typename Acc>
@@ -204,27 +206,15 @@ void reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights,
 }
 
 void backward(const int64_t* meta, MetaLayout layout, const void* scales, bool acc_double,
-              const int64_t* out_meta, void* const flat_out[kNumDTypes]) {
+              const int64_t* out_ptrs, bool accumulate) {
   const int64_t n = layout.num_tensors;
-  const int64_t* dtypes = meta + layout.dtypes();
-  const int64_t* flat_offset = meta + layout.flat_offset();
   dispatch_acc(acc_double, [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
     const Acc* a = static_cast<const Acc*>(scales);
     const Acc* b = a + n;
     auto grad = [&](Acc x, int64_t i) { return grad_term(x, a[i], b[i]); };
-    auto dest = [&](int64_t i) -> void* {
-      if (out_meta != nullptr) return reinterpret_cast<void*>(out_meta[layout.ptrs() + i]);
-      int64_t offset = flat_offset[i];
-      void* base = flat_out[dtypes[i]];
-      void* result = nullptr;
-      dispatch_dtype(dtypes[i], [&](auto tag) {
-        using T = decltype(tag);
-        result = static_cast<T*>(base) + offset;
-      });
-      return result;
-    };
-    map_elements<Acc>(meta, layout, out_meta != nullptr, grad, dest);
+    auto dest = [&](int64_t i) { return reinterpret_cast<void*>(out_ptrs[i]); };
+    map_elements<Acc>(meta, layout, accumulate, grad, dest);
   });
 }
 

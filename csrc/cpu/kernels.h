@@ -20,10 +20,12 @@ constexpr int64_t kChunkSize = 32768;
 void reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights, bool acc_double,
             void* out);
 
-// Element x of tensor i gets scales[i] * sign(x) + scales[n + i] * x; destinations as in
-// cuda::backward (added in place to out_meta's tensors, or written to the flat buffers).
+// Element x of tensor i gets scales[i] * sign(x) + scales[n + i] * x, written to (or,
+// with accumulate, added to) the tensor of the same shape and dtype at out_ptrs[i]. The
+// host passes plain pointers: unlike CUDA, where one flat buffer per dtype is best, the
+// CPU binding spreads gradients over buffers small enough for malloc to recycle.
 void backward(const int64_t* meta, MetaLayout layout, const void* scales, bool acc_double,
-              const int64_t* out_meta, void* const flat_out[kNumDTypes]);
+              const int64_t* out_ptrs, bool accumulate);
 
 // In place x = sign(x) * max(|x| - thresholds[i], 0); NaN stays NaN.
 void prox_l1(const int64_t* meta, MetaLayout layout, const void* thresholds, bool acc_double);

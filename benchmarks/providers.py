@@ -1,0 +1,263 @@
+"""The operations benchmarked and the implementations ("providers") compared for each.
+
+For every operation the providers compute the same thing on the same tensors:
+
+* ``naive``: the Python loop people write today (see the user stories): a per-tensor
+  ``torch.norm`` stacked, ``sum(l1 * p.abs().sum() + l2 * (p * p).sum() ...)`` and, for
+  the in-place gradient, that same loss followed by ``backward()``;
+* ``naive_cat`` (penalties): the ``torch.cat([p.flatten() ...])`` variant;
+* ``naive_inplace`` (gradient update): ``p.grad += l1 * sign(p) + 2 * l2 * p`` per tensor;
+* ``foreach``: PyTorch's multi-tensor kernels (``torch._foreach_norm``, ``_foreach_add_``,
+  ``_foreach_sign``, ...);
+* ``compile``: ``torch.compile`` of the naive loop;
+* ``regfuse_<backend>``: this library on one backend.
+
+A provider is a function of a :class:`State` (the tensors, with ``.grad`` allocated
+where the operation reads gradients). :func:`observe` extracts what a call produced so
+that providers can be checked against each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+import regfuse
+
+# Coefficients of a typical elastic-net setting; the threshold is lr * l1 for lr = 1e-2.
+L1, L2 = 1e-5, 1e-4
+THRESHOLD = 1e-7
+
+
+@dataclass
+class State:
+    """The tensors one provider works on; ``.grad`` is set where the operation needs it."""
+
+    tensors: list[Tensor]
+
+
+Provider = Callable[[State], object]
+
+
+@dataclass(frozen=True)
+class Op:
+    """An operation, and the memory traffic a perfect implementation of it needs.
+
+    ``passes`` counts full passes over the list in that minimum traffic (a forward read
+    is 1; a fused backward that reads ``x`` and ``grad`` and writes ``grad`` is 3);
+    ``writes`` says whether the limit to compare with is a copy (read and write) or a
+    read-only sum.
+    """
+
+    name: str
+    passes: int
+    writes: bool
+    requires_grad: bool  # the tensors are leaves that require grad
+    allocate_grads: bool  # every tensor has a preallocated ``.grad`` (zeros)
+    kinds: tuple[str, ...]  # the workload kinds it runs on
+    description: str
+
+
+OPS: dict[str, Op] = {op.name: op for op in (
+    Op("norms_p1", 1, False, False, False, ("params",), "per-tensor L1 norms"),
+    Op("norms_p2", 1, False, False, False, ("params", "sweep"), "per-tensor L2 norms"),
+    Op("penalty", 1, False, False, False, ("params", "activations"),
+       "l1 * L1 + l2 * squared L2, forward"),
+    Op("penalty_fwd_bwd", 4, True, True, True, ("params",),
+       "penalty forward + backward into allocated .grad"),
+    Op("add_penalty_grad_", 3, True, True, True, ("params",),
+       "p.grad += l1 * sign(p) + 2 * l2 * p"),
+    Op("prox_l1_", 2, True, False, False, ("params",), "in-place soft-thresholding"),
+    Op("activity_fwd_bwd", 3, True, True, False, ("activations",),
+       "L1 activity penalty forward + torch.autograd.grad"),
+)}
+
+
+def make_state(op: Op, tensors: list[Tensor], clone: bool = False) -> State:
+    """Fresh leaf tensors sharing (or, with ``clone``, copying) the storage of ``tensors``."""
+    leaves = [(t.detach().clone() if clone else t.detach()).requires_grad_(op.requires_grad)
+              for t in tensors]
+    if op.allocate_grads:
+        for t in leaves:
+            t.grad = torch.zeros_like(t)
+    return State(leaves)
+
+
+# ---- the loops people write ------------------------------------------------------------
+
+def _stacked_norms(p: int) -> Provider:
+    def naive(state: State) -> Tensor:
+        return torch.stack([torch.norm(t, p) for t in state.tensors])
+    return naive
+
+
+def _foreach_norms(p: int) -> Provider:
+    def foreach(state: State) -> list[Tensor]:
+        return torch._foreach_norm(state.tensors, p)
+    return foreach
+
+
+def _loop_penalty(state: State) -> Tensor:
+    return sum(L1 * t.abs().sum() + L2 * (t * t).sum() for t in state.tensors)
+
+
+def _cat_penalty(state: State) -> Tensor:
+    flat = torch.cat([t.flatten() for t in state.tensors])
+    return L1 * flat.abs().sum() + L2 * (flat * flat).sum()
+
+
+def _foreach_penalty(state: State) -> Tensor:
+    # Two multi-tensor passes: torch has no fused L1 + squared-L2 reduction.
+    l1 = torch.stack(torch._foreach_norm(state.tensors, 1)).sum()
+    l2 = torch.stack(torch._foreach_norm(state.tensors, 2)).square().sum()
+    return L1 * l1 + L2 * l2
+
+
+def _loop_activity(state: State) -> Tensor:
+    return L1 * sum(a.abs().sum() for a in state.tensors)
+
+
+def _foreach_activity(state: State) -> Tensor:
+    return L1 * torch.stack(torch._foreach_norm(state.tensors, 1)).sum()
+
+
+def _loop_penalty_backward(state: State) -> None:
+    _loop_penalty(state).backward()
+
+
+@torch.no_grad()
+def _loop_add_grad(state: State) -> None:
+    for t in state.tensors:
+        t.grad.add_(L1 * torch.sign(t) + 2 * L2 * t)
+
+
+@torch.no_grad()
+def _foreach_add_grad(state: State) -> None:
+    grads = [t.grad for t in state.tensors]
+    torch._foreach_add_(grads, torch._foreach_sign(state.tensors), alpha=L1)
+    torch._foreach_add_(grads, state.tensors, alpha=2 * L2)
+
+
+@torch.no_grad()
+def _loop_prox(state: State) -> None:
+    for t in state.tensors:
+        t.copy_(torch.sign(t) * torch.clamp(t.abs() - THRESHOLD, min=0))
+
+
+@torch.no_grad()
+def _foreach_prox(state: State) -> None:
+    shrunk = torch._foreach_abs(state.tensors)
+    torch._foreach_sub_(shrunk, THRESHOLD)
+    torch._foreach_clamp_min_(shrunk, 0.0)
+    torch._foreach_mul_(shrunk, torch._foreach_sign(state.tensors))
+    torch._foreach_copy_(state.tensors, shrunk)
+
+
+# Per operation: the baseline providers, in table order ("naive" first), and which of
+# them torch.compile is given.
+_BASELINES: dict[str, dict[str, Provider]] = {
+    "norms_p1": {"naive": _stacked_norms(1), "foreach": _foreach_norms(1)},
+    "norms_p2": {"naive": _stacked_norms(2), "foreach": _foreach_norms(2)},
+    "penalty": {"naive": _loop_penalty, "naive_cat": _cat_penalty, "foreach": _foreach_penalty},
+    "penalty_fwd_bwd": {"naive": _loop_penalty, "naive_cat": _cat_penalty,
+                        "foreach": _foreach_penalty},
+    "add_penalty_grad_": {"naive": _loop_penalty_backward, "naive_inplace": _loop_add_grad,
+                          "foreach": _foreach_add_grad},
+    "prox_l1_": {"naive": _loop_prox, "foreach": _foreach_prox},
+    "activity_fwd_bwd": {"naive": _loop_activity, "foreach": _foreach_activity},
+}
+_COMPILED_BASELINE = {"add_penalty_grad_": "naive_inplace"}  # default: "naive"
+
+
+def _regfuse(op: Op, backend: str) -> Provider:
+    name = op.name
+    if name.startswith("norms_p"):
+        p = int(name[-1])
+        return lambda s: regfuse.norms(s.tensors, p, backend=backend)
+    if name in ("penalty", "penalty_fwd_bwd"):
+        return lambda s: regfuse.penalty(s.tensors, L1, L2, backend=backend)
+    if name == "add_penalty_grad_":
+        return lambda s: regfuse.add_penalty_grad_(s.tensors, L1, L2, backend=backend)
+    if name == "prox_l1_":
+        return lambda s: regfuse.prox_l1_(s.tensors, THRESHOLD, backend=backend)
+    if name == "activity_fwd_bwd":
+        return lambda s: regfuse.penalty(s.tensors, l1=L1, backend=backend)
+    raise ValueError(f"no regfuse provider for {name}")
+
+
+def _with_backward(op: Op, forward: Provider) -> Provider:
+    """``forward`` followed by the backward that ``op`` includes, if any."""
+    if op.name == "penalty_fwd_bwd":
+        def forward_backward(state: State) -> Tensor:
+            loss = forward(state)
+            loss.backward()
+            return loss
+        return forward_backward
+    if op.name == "activity_fwd_bwd":
+        # What an activation receives: a gradient returned into the graph, not a .grad.
+        return lambda state: torch.autograd.grad(forward(state), state.tensors)
+    return forward
+
+
+def _compiled(forward: Provider) -> Provider:
+    # Dynamo keys its cache on the code object, which every workload shares; start from
+    # an empty cache so that no workload hits the recompilation limit and falls back to
+    # eager without saying so.
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda tensors: forward(State(tensors)))
+    return lambda state: compiled(state.tensors)
+
+
+def providers(op: Op, backends: list[str], with_compile: bool) -> dict[str, Provider]:
+    """Every provider of ``op``, in table order: baselines, ``compile``, then regfuse.
+
+    The ``compile`` provider is compiled on its first call (call it once before timing).
+    """
+    baselines = _BASELINES[op.name]
+    chosen = {name: _with_backward(op, fn) for name, fn in baselines.items()}
+    if with_compile:
+        target = baselines[_COMPILED_BASELINE.get(op.name, "naive")]
+        chosen["compile"] = _with_backward(op, _compiled(target))
+    for backend in backends:
+        chosen[f"regfuse_{backend}"] = _with_backward(op, _regfuse(op, backend))
+    return chosen
+
+
+def observe(op: Op, state: State, result: object) -> list[Tensor]:
+    """What one call produced, as float tensors comparable across providers."""
+    if op.name in ("penalty_fwd_bwd", "add_penalty_grad_"):
+        out = [t.grad for t in state.tensors]
+    elif op.name == "prox_l1_":
+        out = state.tensors
+    elif op.name == "activity_fwd_bwd":
+        out = list(result)
+    elif isinstance(result, (list, tuple)):  # torch._foreach_norm
+        out = [torch.stack([r.float() for r in result])]
+    else:
+        out = [result]
+    return [t.detach().float() for t in out]
+
+
+def mismatch(op: Op, tensors: list[Tensor], candidate: Provider, reference: Provider,
+             rtol: Optional[float] = None) -> Optional[str]:
+    """``None`` when ``candidate`` and ``reference`` agree on fresh copies of ``tensors``.
+
+    Otherwise a one-line description of the first disagreement. The default tolerance
+    is loose enough for summation-order differences (and bfloat16 rounding where the
+    list holds low-precision tensors), far tighter than any real bug.
+    """
+    low_precision = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    rtol = rtol if rtol is not None else (2e-2 if low_precision else 1e-3)
+    outputs = []
+    for provider in (candidate, reference):
+        state = make_state(op, tensors, clone=True)
+        outputs.append(observe(op, state, provider(state)))
+    for i, (got, want) in enumerate(zip(*outputs)):
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        try:
+            torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale * 1e-2)
+        except AssertionError as err:
+            return f"output {i}: {str(err).splitlines()[0]} ({str(err).splitlines()[-1].strip()})"
+    return None
