@@ -6,7 +6,6 @@
 
 #include <c10/core/DeviceGuard.h>
 
-#include <limits>
 #include <list>
 #include <mutex>
 #include <unordered_map>
@@ -186,61 +185,81 @@ at::Tensor reduce(const std::vector<at::Tensor>& tensors, int64_t op,
   return out;
 }
 
-// Gradient outputs shaped like `tensors`: per dtype, consecutive tensors share a buffer of
-// at most max_bytes (a larger tensor gets its own). `base[d]` is the first buffer of dtype
-// d: with an unbounded max_bytes it is the one flat buffer the CUDA kernels write through.
+// CPU gradient buffers are recycled: glibc serves a 100 MB block with fresh pages from
+// mmap on every call, and faulting them in costs several times the kernel that fills
+// them. A buffer is handed out again only once nothing but this pool references its
+// storage (autograd has added the views into .grad and dropped them); a view that became
+// a .grad, or that the caller kept, keeps its buffer out of the pool for good.
+class GradBufferPool {
+ public:
+  at::Tensor acquire(int64_t numel, const at::TensorOptions& options) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (at::Tensor& buffer : buffers_) {
+      if (buffer.numel() == numel && buffer.scalar_type() == options.dtype() &&
+          buffer.storage().use_count() == 1) {
+        return buffer;
+      }
+    }
+    at::Tensor buffer = at::empty({numel}, options);
+    buffers_.push_back(buffer);
+    if (buffers_.size() > kCapacity) buffers_.erase(buffers_.begin());
+    return buffer;
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    buffers_.clear();
+  }
+
+ private:
+  static constexpr size_t kCapacity = 8;
+  std::mutex mutex_;
+  std::vector<at::Tensor> buffers_;
+};
+
+GradBufferPool& cpu_grad_pool() {
+  static GradBufferPool pool;
+  return pool;
+}
+
+// Gradient outputs shaped like `tensors`: views of one flat buffer per dtype (in list
+// order, as the CUDA kernels' flat_offset expects), with each view's data pointer.
 struct GradOutputs {
   std::vector<at::Tensor> grads;
   std::vector<int64_t> ptrs;
   void* base[kNumDTypes] = {nullptr, nullptr, nullptr, nullptr};
 };
 
-GradOutputs allocate_grads(const std::vector<at::Tensor>& tensors, int64_t max_bytes) {
-  const size_t n = tensors.size();
-  std::vector<int64_t> buffer_of(n, -1), offset_of(n, 0), buffer_numel;
-  std::vector<at::ScalarType> buffer_type;
-  int64_t open[kNumDTypes] = {-1, -1, -1, -1};
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& t = tensors[i];
-    if (t.numel() == 0) continue;
-    const int64_t d = dtype_code(t.scalar_type());
-    int64_t& b = open[d];
-    if (b < 0 || (buffer_numel[b] + t.numel()) * static_cast<int64_t>(t.element_size()) > max_bytes) {
-      b = static_cast<int64_t>(buffer_numel.size());
-      buffer_numel.push_back(0);
-      buffer_type.push_back(t.scalar_type());
-    }
-    buffer_of[i] = b;
-    offset_of[i] = buffer_numel[b];
-    buffer_numel[b] += t.numel();
-  }
-  std::vector<at::Tensor> buffers;
-  buffers.reserve(buffer_numel.size());
-  for (size_t b = 0; b < buffer_numel.size(); ++b)
-    buffers.push_back(at::empty({buffer_numel[b]}, tensors[0].options().dtype(buffer_type[b])));
+GradOutputs allocate_grads(const std::vector<at::Tensor>& tensors, const Metadata& meta) {
+  static const at::ScalarType kTypes[kNumDTypes] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
+  const bool pooled = tensors[0].device().is_cpu();
+  at::Tensor flat[kNumDTypes];
   GradOutputs out;
-  out.grads.reserve(n);
-  out.ptrs.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& t = tensors[i];
-    if (buffer_of[i] < 0) {
+  for (int d = 0; d < kNumDTypes; ++d) {
+    if (meta.flat_size[d] == 0) continue;
+    const auto options = tensors[0].options().dtype(kTypes[d]);
+    flat[d] = pooled ? cpu_grad_pool().acquire(meta.flat_size[d], options)
+                     : at::empty({meta.flat_size[d]}, options);
+    out.base[d] = flat[d].data_ptr();
+  }
+  out.grads.reserve(tensors.size());
+  out.ptrs.reserve(tensors.size());
+  int64_t offset[kNumDTypes] = {0, 0, 0, 0};
+  for (const at::Tensor& t : tensors) {
+    const int64_t d = dtype_code(t.scalar_type());
+    if (t.numel() == 0) {  // no flat buffer exists for a dtype whose tensors are all empty
       out.grads.push_back(at::empty(t.sizes(), t.options()));
     } else {
-      out.grads.push_back(buffers[buffer_of[i]].narrow(0, offset_of[i], t.numel()).view(t.sizes()));
-      void*& base = out.base[dtype_code(t.scalar_type())];
-      if (base == nullptr) base = buffers[buffer_of[i]].data_ptr();
+      out.grads.push_back(flat[d].narrow(0, offset[d], t.numel()).view(t.sizes()));
+      offset[d] += t.numel();
     }
-    out.ptrs[i] = reinterpret_cast<int64_t>(out.grads.back().data_ptr());
+    out.ptrs.push_back(reinterpret_cast<int64_t>(out.grads.back().data_ptr()));
   }
   return out;
 }
 
-// glibc serves blocks over 32 MB with fresh pages from mmap on every call; faulting in a
-// 100 MB gradient costs four times the kernel that fills it, so CPU buffers stay smaller.
-constexpr int64_t kCpuGradBufferBytes = 16 << 20;
-
 // Launches the fused gradient; with `into` it adds to those tensors, else it returns new
-// gradients (views of a few shared buffers).
+// gradients (views of one flat buffer per dtype).
 std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, const at::Tensor& scales,
                                      bool acc_double, const std::vector<at::Tensor>* into,
                                      int64_t stream) {
@@ -257,7 +276,7 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, con
       out_meta = metadata_for(*into);
       out_table = out_meta.table.data_ptr<int64_t>();
     } else {
-      out = allocate_grads(tensors, std::numeric_limits<int64_t>::max());
+      out = allocate_grads(tensors, meta);
     }
     check_cuda_status(cuda::backward(table, meta.layout, s.data_ptr(), acc_double, out_table,
                                      out.base, stream_ptr(stream)));
@@ -269,7 +288,7 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, con
     out.ptrs.reserve(into->size());
     for (const at::Tensor& g : *into) out.ptrs.push_back(reinterpret_cast<int64_t>(g.data_ptr()));
   } else {
-    out = allocate_grads(tensors, kCpuGradBufferBytes);
+    out = allocate_grads(tensors, meta);
   }
   {
     py::gil_scoped_release no_gil;
@@ -337,6 +356,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("thresholds"), py::arg("acc_double"), py::arg("stream") = 0);
   m.def("metadata", &metadata, "(int64 table on the device, number of chunks)", py::arg("tensors"),
         py::arg("chunk_size"));
+  m.def("empty_cache", [] { cpu_grad_pool().clear(); },
+        "release the CPU gradient buffers kept for reuse");
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
   m.attr("CPU_CHUNK_SIZE") = cpu::kChunkSize;
 }

@@ -97,7 +97,7 @@ def norms(tensors: TensorList, p: float = 2, *, squared: bool = False, backend: 
         return torch.empty(0)
     info = inspect(tensors)
     if _builds_graph(info):
-        return ops.reduce(tensors, int(op), None, backend)
+        return ops.reduce_with_grad(tensors, op, None, backend)
     return ops.run_reduce(tensors, op, None, backend, info)
 
 
@@ -121,7 +121,7 @@ def penalty(tensors: TensorList, l1: float = 0.0, l2: float = 0.0, *,
     info = inspect(tensors)
     weights = _scaled((l1, l2), _coefficients(coefficients, len(tensors), info), len(tensors), info)
     if _builds_graph(info):
-        return ops.reduce(tensors, int(Reduction.PENALTY), weights, backend)
+        return ops.reduce_with_grad(tensors, Reduction.PENALTY, weights, backend)
     return ops.run_reduce(tensors, Reduction.PENALTY, weights, backend, info)
 
 

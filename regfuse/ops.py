@@ -4,8 +4,10 @@ Four custom ops carry all the work: ``regfuse::reduce`` (norms and penalties, wi
 autograd), ``regfuse::reduce_backward`` (the fused first backward), ``regfuse::add_grad_``
 and ``regfuse::prox_l1_`` (in place). Each has a fake implementation for tracing. The
 ``run_*`` functions are their eager implementations; :mod:`regfuse.api` calls them
-directly when no autograd graph is being built, which skips the dispatcher's per-call
-cost on long lists.
+directly when no autograd graph is being built, and records eager graphs through
+``_EagerReduce`` (the same forward and backward as an ``autograd.Function``), which
+skips the dispatcher's per-call cost on long lists. Under ``torch.compile`` the custom
+ops are used, so the compiler sees them.
 
 Double backward: the fused backward is a kernel, not differentiable by itself, so
 when the backward is being recorded (``create_graph=True``) the same gradient is
@@ -129,6 +131,34 @@ def _backward_reduce(ctx, grad_out):
 
 
 reduce.register_autograd(_backward_reduce, setup_context=_setup_reduce)
+
+
+class _EagerReduce(torch.autograd.Function):
+    """``regfuse::reduce`` with the same autograd, for eager mode.
+
+    The custom op is what the compiler sees; called eagerly it costs a dispatcher round
+    trip per tensor of the list and, on first use, a one-time import of the compiler
+    stack (seconds). This Function runs the same forward and backward without either.
+    """
+
+    @staticmethod
+    def forward(ctx, op: int, weights: Optional[Tensor], backend: str, *tensors: Tensor) -> Tensor:
+        output = run_reduce(tensors, Reduction(op), weights, backend)
+        _setup_reduce(ctx, (tensors, op, weights, backend), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grads = _backward_reduce(ctx, grad_out)[0]
+        return (None, None, None, *grads)
+
+
+def reduce_with_grad(tensors: list[Tensor], op: Reduction, weights: Optional[Tensor],
+                     backend: str) -> Tensor:
+    """The differentiable reduction: the custom op under ``torch.compile``, else eager autograd."""
+    if torch.compiler.is_compiling():
+        return reduce(tensors, int(op), weights, backend)
+    return _EagerReduce.apply(int(op), weights, backend, *tensors)
 
 
 @torch.library.custom_op("regfuse::add_grad_", mutates_args=("grads",))

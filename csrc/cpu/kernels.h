@@ -21,9 +21,8 @@ void reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights,
             void* out);
 
 // Element x of tensor i gets scales[i] * sign(x) + scales[n + i] * x, written to (or,
-// with accumulate, added to) the tensor of the same shape and dtype at out_ptrs[i]. The
-// host passes plain pointers: unlike CUDA, where one flat buffer per dtype is best, the
-// CPU binding spreads gradients over buffers small enough for malloc to recycle.
+// with accumulate, added to) the tensor of the same shape and dtype at out_ptrs[i]
+// (views of the binding's flat buffers, or the .grad tensors themselves).
 void backward(const int64_t* meta, MetaLayout layout, const void* scales, bool acc_double,
               const int64_t* out_ptrs, bool accumulate);
 
