@@ -99,3 +99,23 @@ def test_equals_the_loop_people_write(backend, device):
     fused.backward()
     assert_close(fused, loop, what="penalty")
     assert_lists_close([p.grad for p in params], expected_grads, what="grad")
+
+
+def test_gradient_buffers_are_reused_only_when_free(backend, device):
+    # Backends may recycle their gradient buffers between calls: a gradient the caller
+    # kept (torch.autograd.grad), or one that became a .grad, must never be overwritten,
+    # and gradients added into existing .grad must stay right step after step.
+    gen = torch.Generator().manual_seed(5)
+    x = [torch.randn(n, generator=gen).to(device).requires_grad_() for n in (100, 7, 33)]
+    first = torch.autograd.grad(regfuse.penalty(x, 0.5, 0.25, backend=backend), x)
+    kept = [g.clone() for g in first]
+    regfuse.penalty(x, 0.5, 0.25, backend=backend).backward()  # .grad is None: it adopts the views
+    adopted = [t.grad.clone() for t in x]
+    with torch.no_grad():
+        for t in x:
+            t.mul_(-3)  # a different gradient from here on
+    for _ in range(3):
+        regfuse.penalty(x, 0.5, 0.25, backend=backend).backward()
+    assert_lists_close(list(first), kept, what="kept gradients")
+    expected = [a + 3 * oracle_penalty_grads([t.detach()], 0.5, 0.25)[0] for a, t in zip(adopted, x)]
+    assert_lists_close([t.grad for t in x], expected, what="accumulated .grad")
