@@ -57,6 +57,25 @@ py::object inspect(py::handle list) {
   return py::make_tuple(acc_double, requires_grad, contiguous);
 }
 
+// True when every tensor of the list has a dense, contiguous .grad of its own shape,
+// dtype and device: the common case of add_penalty_grad_, checked without a Python loop.
+// False sends the caller to the Python checks, which say precisely what is wrong.
+bool grads_ready(py::handle list) {
+  if (!PyList_Check(list.ptr())) return false;
+  const Py_ssize_t n = PyList_GET_SIZE(list.ptr());
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(list.ptr(), i);
+    if (!THPVariable_Check(item)) return false;
+    const at::Tensor& t = THPVariable_Unpack(item);
+    const at::Tensor& g = t.grad();
+    if (!g.defined() || g.layout() != at::kStrided || !g.is_contiguous() ||
+        g.scalar_type() != t.scalar_type() || g.device() != t.device() || g.sizes() != t.sizes()) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // ---- metadata cache ------------------------------------------------------------------
 // Keyed by everything the table is computed from (chunk size, device, data pointers,
 // sizes, dtypes), so a hit is always the right table; a training loop that passes the
@@ -346,6 +365,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace regfuse;
   m.doc() = "regfuse kernels: fused reductions, gradients and proximal steps over tensor lists";
   m.def("inspect", &inspect, "(acc_double, requires_grad, contiguous) of a valid list, else None");
+  m.def("grads_ready", &grads_ready, "every tensor has a dense contiguous .grad like itself");
   m.def("reduce", &reduce, "per-tensor norms or the weighted penalty", py::arg("tensors"),
         py::arg("op"), py::arg("weights"), py::arg("acc_double"), py::arg("stream") = 0);
   m.def("grad", &grad, "a*sign(x)+b*x per tensor, as views of one flat buffer per dtype",

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import backends, ops
 from .backends.base import Reduction
-from .validation import ListInfo, as_list, check_nonnegative, inspect
+from .validation import _C, ListInfo, as_list, check_nonnegative, inspect
 
 TensorList = Union[Iterable[Tensor], Sequence[Tensor]]
 Coefficients = Optional[Union[Sequence[float], Tensor]]
@@ -139,11 +139,30 @@ def _check_grads(params: list[Tensor]) -> list[Optional[Tensor]]:
     return grads
 
 
-def _bump_versions(tensors: Sequence[Tensor]) -> None:
+def _in_place_target(params: TensorList, backend: str) -> tuple[list, Optional[ListInfo]]:
+    """The checked list of an in-place op and its summary (``None`` for an empty list)."""
+    params = as_list(params)
+    backends.check_backend_name(backend)
+    if not params:
+        return params, None
+    info = inspect(params)
+    backends.resolve(backend, info.device)  # raises now, before anything is modified
+    return params, info
+
+
+def _run_in_place(custom_op, run, modified: Sequence[Tensor], args: tuple, info: ListInfo) -> None:
+    """Runs an in-place op: the custom op under ``torch.compile``, else the kernel directly."""
+    if torch.compiler.is_compiling():
+        custom_op(*args)
+        return
+    run(*args, info=info)
     # The kernels write through raw pointers; tell autograd the tensors changed so that a
     # graph which saved them refuses to run a stale backward.
-    for t in tensors:
-        torch.autograd.graph.increment_version(t)
+    try:
+        torch.autograd.graph.increment_version(modified)
+    except TypeError:  # older torch takes one tensor at a time
+        for t in modified:
+            torch.autograd.graph.increment_version(t)
 
 
 def add_penalty_grad_(params: TensorList, l1: float = 0.0, l2: float = 0.0, *,
@@ -155,26 +174,20 @@ def add_penalty_grad_(params: TensorList, l1: float = 0.0, l2: float = 0.0, *,
     loss before ``backward()``. Call it after ``backward()`` and before
     ``optimizer.step()``.
     """
-    params = as_list(params)
     l1 = check_nonnegative("l1", l1)
     l2 = check_nonnegative("l2", l2)
-    backends.check_backend_name(backend)
-    if not params:
+    params, info = _in_place_target(params, backend)
+    if info is None:
         return
-    info = inspect(params)
-    backends.resolve(backend, info.device)
     weights = _scaled((l1, l2), _coefficients(coefficients, len(params), info), len(params), info)
-    grads = _check_grads(params)
-    # Every check has passed: from here on the parameters' gradients may change.
-    for p, g in zip(params, grads):
-        if g is None:
-            p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if not (_C is not None and _C.grads_ready(params)):  # else: the common case, checked natively
+        grads = _check_grads(params)
+        # Every check has passed: from here on the parameters' gradients may change.
+        for p, g in zip(params, grads):
+            if g is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
     grads = [p.grad for p in params]
-    if torch.compiler.is_compiling():
-        ops.add_grad_(grads, params, weights, backend)
-        return
-    ops.run_add_grad_(grads, params, weights, backend, info)
-    _bump_versions(grads)
+    _run_in_place(ops.add_grad_, ops.run_add_grad_, grads, (grads, params, weights, backend), info)
 
 
 def prox_l1_(params: TensorList, threshold: float, *, coefficients: Coefficients = None,
@@ -184,17 +197,10 @@ def prox_l1_(params: TensorList, threshold: float, *, coefficients: Coefficients
     The proximal step of an L1 penalty: it leaves exact zeros. Call it after
     ``optimizer.step()`` with ``threshold = lr * l1``. NaN stays NaN.
     """
-    params = as_list(params)
     threshold = check_nonnegative("threshold", threshold)
-    backends.check_backend_name(backend)
-    if not params:
+    params, info = _in_place_target(params, backend)
+    if info is None:
         return
-    info = inspect(params)
-    backends.resolve(backend, info.device)
     thresholds = _scaled((threshold,), _coefficients(coefficients, len(params), info),
                          len(params), info)[0]
-    if torch.compiler.is_compiling():
-        ops.prox_l1_(params, thresholds, backend)
-        return
-    ops.run_prox_l1_(params, thresholds, backend, info)
-    _bump_versions(params)
+    _run_in_place(ops.prox_l1_, ops.run_prox_l1_, params, (params, thresholds, backend), info)
