@@ -2,7 +2,7 @@
 
 For every operation the providers compute the same thing on the same tensors:
 
-* ``naive``: the Python loop people write today (see the user stories): a per-tensor
+* ``naive``: the Python loop people write today (see the examples): a per-tensor
   ``torch.norm`` stacked, ``sum(l1 * p.abs().sum() + l2 * (p * p).sum() ...)`` and, for
   the in-place gradient, that same loss followed by ``backward()``;
 * ``naive_cat`` (penalties): the ``torch.cat([p.flatten() ...])`` variant;

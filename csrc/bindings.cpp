@@ -6,6 +6,8 @@
 
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <list>
 #include <mutex>
 #include <unordered_map>
@@ -44,7 +46,7 @@ py::object inspect(py::handle list) {
     if (!THPVariable_Check(item)) return py::none();
     const at::Tensor& t = THPVariable_Unpack(item);
     const int64_t code = dtype_code(t.scalar_type());
-    if (code < 0) return py::none();
+    if (code < 0 || t.layout() != at::kStrided) return py::none();
     if (!device) {
       device = t.device();
     } else if (t.device() != *device) {
@@ -74,6 +76,35 @@ bool grads_ready(py::handle list) {
     }
   }
   return true;
+}
+
+// The first pair (i, j) of tensors whose memory ranges overlap, or None. An in-place op
+// over a list that names the same memory twice would race with itself. Ranges span from
+// the lowest to the highest element address, so interleaved views count as overlapping.
+py::object first_overlap(const std::vector<at::Tensor>& tensors) {
+  struct Range {
+    uintptr_t begin, end;
+    size_t index;
+  };
+  std::vector<Range> ranges;
+  ranges.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0) continue;
+    int64_t last = 0;  // offset of the last element, in elements
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    ranges.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()), i});
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  for (size_t k = 1; k < ranges.size(); ++k) {
+    if (ranges[k].begin < ranges[k - 1].end) {
+      const size_t i = std::min(ranges[k - 1].index, ranges[k].index);
+      const size_t j = std::max(ranges[k - 1].index, ranges[k].index);
+      return py::make_tuple(i, j);
+    }
+  }
+  return py::none();
 }
 
 // ---- metadata cache ------------------------------------------------------------------
@@ -216,13 +247,13 @@ class GradBufferPool {
     for (at::Tensor& buffer : buffers_) {
       if (buffer.numel() == numel && buffer.scalar_type() == options.dtype() &&
           buffer.storage().use_count() == 1) {
-        return buffer;
+        return buffer.alias();  // holds the storage: no other caller can claim it now
       }
     }
     at::Tensor buffer = at::empty({numel}, options);
     buffers_.push_back(buffer);
     if (buffers_.size() > kCapacity) buffers_.erase(buffers_.begin());
-    return buffer;
+    return buffer.alias();
   }
 
   void clear() {
@@ -365,6 +396,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace regfuse;
   m.doc() = "regfuse kernels: fused reductions, gradients and proximal steps over tensor lists";
   m.def("inspect", &inspect, "(acc_double, requires_grad, contiguous) of a valid list, else None");
+  m.def("first_overlap", &first_overlap, "(i, j) of the first two tensors sharing memory, or None");
   m.def("grads_ready", &grads_ready, "every tensor has a dense contiguous .grad like itself");
   m.def("reduce", &reduce, "per-tensor norms or the weighted penalty", py::arg("tensors"),
         py::arg("op"), py::arg("weights"), py::arg("acc_double"), py::arg("stream") = 0);

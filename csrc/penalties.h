@@ -1,4 +1,6 @@
-// regfuse per-element maths, shared by the CPU kernels (g++) and the CUDA kernels (nvcc).
+// regfuse per-element maths: the gradient and soft-threshold formulas are shared by the CPU
+// kernels (g++) and the CUDA kernels (nvcc); the reducers and the 16-bit storage types
+// serve the CUDA kernels (the CPU kernels use c10's conversions).
 //
 // Plain C++17 on the host; the device-only parts (fp16/bf16 intrinsics) sit under
 // __CUDA_ARCH__, so `g++ -std=c++17` compiles this file without CUDA or torch.
@@ -252,7 +254,7 @@ struct Store<Half> {
   REGFUSE_HOST_DEVICE static void apply(Half* p, Acc v) {
     const float f = static_cast<float>(v);
 #ifdef __CUDA_ARCH__
-    // The host path's NaN, so the CPU and CUDA kernels agree bit for bit.
+    // The NaN of the host conversion (and of torch's CPU casts), so results agree bit for bit.
     const uint16_t nan_bits = static_cast<uint16_t>(((__float_as_uint(f) >> 16) & 0x8000u) | 0x7E00u);
     p->bits = f != f ? nan_bits : __half_as_ushort(__float2half_rn(f));
 #else
@@ -266,7 +268,7 @@ struct Store<BFloat16> {
   REGFUSE_HOST_DEVICE static void apply(BFloat16* p, Acc v) {
     const float f = static_cast<float>(v);
 #ifdef __CUDA_ARCH__
-    // The host path's NaN (c10::BFloat16's scalar one), so the CPU and CUDA kernels agree.
+    // c10::BFloat16's NaN, so CPU and CUDA results agree bit for bit.
     p->bits = f != f ? uint16_t{0x7FC0} : __bfloat16_as_ushort(__float2bfloat16_rn(f));
 #else
     p->bits = detail::float_to_bfloat16_bits(f);

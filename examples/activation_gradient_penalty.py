@@ -2,7 +2,7 @@
 
 The question's loop called ``loss.backward(retain_graph=True)`` and then
 ``grad_norm.backward()``: two backward passes, activation gradients kept on
-``retain_grad()`` tensors that were never zeroed. The working answer takes the
+``retain_grad()`` tensors that were never zeroed. The correct recipe takes the
 activation gradients with ``torch.autograd.grad(..., create_graph=True)``, adds
 ``weight * sum(g.pow(2).sum())`` to the loss and calls ``backward()`` once.
 ``regfuse.gradient_penalty`` is that answer in one call (one fused reduction over the

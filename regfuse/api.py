@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import backends, ops
 from .backends.base import Reduction
-from .validation import _C, ListInfo, as_list, check_nonnegative, inspect
+from .validation import _C, ListInfo, as_list, check_distinct, check_nonnegative, inspect
 
 TensorList = Union[Iterable[Tensor], Sequence[Tensor]]
 Coefficients = Optional[Union[Sequence[float], Tensor]]
@@ -40,38 +40,47 @@ def _builds_graph(info: ListInfo) -> bool:
     return (info.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()
 
 
-def _coefficients(coefficients: Coefficients, n: int, info: ListInfo) -> Optional[Tensor]:
-    """The per-tensor coefficients as a checked ``(n,)`` tensor, or ``None`` for all ones."""
+def _coefficients(coefficients: Coefficients, n: int) -> Optional[Tensor]:
+    """The per-tensor coefficients as a checked ``(n,)`` tensor, or ``None`` for all ones.
+
+    Under ``torch.compile`` a coefficients *tensor* is not checked for negative values
+    (that would be a data-dependent branch); a sequence of numbers still is.
+    """
     if coefficients is None:
         return None
-    values = coefficients if isinstance(coefficients, Tensor) else list(coefficients)
-    c = torch.as_tensor(values)
+    shape_error = f"regfuse: coefficients must be a sequence of {n} numbers (one per tensor)"
+    try:
+        values = coefficients if isinstance(coefficients, Tensor) else list(coefficients)
+        c = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{shape_error}, got {coefficients!r}") from None
     if c.dim() != 1 or c.numel() != n:
-        raise ValueError(f"regfuse: coefficients must be a sequence of {n} numbers (one per "
-                         f"tensor), got shape {tuple(c.shape)}")
+        raise ValueError(f"{shape_error}, got shape {tuple(c.shape)}")
     if c.is_complex() or not (c.is_floating_point() or c.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"regfuse: coefficients must be real numbers, got dtype {c.dtype}")
     if torch.compiler.is_compiling():
-        # A data-dependent branch would break the graph: check Python numbers only.
         nonnegative = isinstance(values, Tensor) or all(float(v) >= 0 for v in values)
     else:
         nonnegative = bool((c >= 0).all())  # also refuses NaN
     if not nonnegative:
         raise ValueError("regfuse: coefficients must be non-negative")
-    return c.to(device=info.device, dtype=info.acc_dtype)
+    return c
 
 
 @functools.lru_cache(maxsize=64)
 def _uniform(values: tuple, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    # Cached so that a training loop does not copy the same few scalars to the GPU every step.
-    return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1).expand(len(values), n).contiguous()
+    # Cached so that a training loop does not copy the same few scalars to the GPU every
+    # step; never an inference tensor, which a later backward could not save.
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1).expand(len(values), n).contiguous()
 
 
-def _scaled(values: tuple, c: Optional[Tensor], n: int, info: ListInfo) -> Tensor:
-    """``(len(values), n)``: row ``k`` is ``values[k] * c`` (``c`` all ones when ``None``)."""
+def _weights(values: tuple, coefficients: Coefficients, n: int, info: ListInfo) -> Tensor:
+    """``(len(values), n)`` in the accumulation dtype: row ``k`` is ``values[k] * c_i``."""
+    c = _coefficients(coefficients, n)
     make = _uniform.__wrapped__ if torch.compiler.is_compiling() else _uniform
     rows = make(values, n, info.device, info.acc_dtype)
-    return rows if c is None else rows * c
+    return rows if c is None else rows * c.to(device=info.device, dtype=info.acc_dtype)
 
 
 def norms(tensors: TensorList, p: float = 2, *, squared: bool = False, backend: str = "auto") -> Tensor:
@@ -94,7 +103,7 @@ def norms(tensors: TensorList, p: float = 2, *, squared: bool = False, backend: 
     op = _norm_reduction(p, squared)
     backends.check_backend_name(backend)
     if not tensors:
-        return torch.empty(0)
+        return torch.empty(0, dtype=torch.float32)
     info = inspect(tensors)
     if _builds_graph(info):
         return ops.reduce_with_grad(tensors, op, None, backend)
@@ -115,11 +124,10 @@ def penalty(tensors: TensorList, l1: float = 0.0, l2: float = 0.0, *,
     l2 = check_nonnegative("l2", l2)
     backends.check_backend_name(backend)
     if not tensors:
-        if coefficients is not None and len(as_list(coefficients)) != 0:
-            raise ValueError("regfuse: coefficients must be empty for an empty tensor list")
-        return torch.zeros(())
+        _coefficients(coefficients, 0)
+        return torch.zeros((), dtype=torch.float32)
     info = inspect(tensors)
-    weights = _scaled((l1, l2), _coefficients(coefficients, len(tensors), info), len(tensors), info)
+    weights = _weights((l1, l2), coefficients, len(tensors), info)
     if _builds_graph(info):
         return ops.reduce_with_grad(tensors, Reduction.PENALTY, weights, backend)
     return ops.run_reduce(tensors, Reduction.PENALTY, weights, backend, info)
@@ -146,6 +154,7 @@ def _in_place_target(params: TensorList, backend: str) -> tuple[list, Optional[L
     if not params:
         return params, None
     info = inspect(params)
+    check_distinct(params)
     backends.resolve(backend, info.device)  # raises now, before anything is modified
     return params, info
 
@@ -179,7 +188,7 @@ def add_penalty_grad_(params: TensorList, l1: float = 0.0, l2: float = 0.0, *,
     params, info = _in_place_target(params, backend)
     if info is None:
         return
-    weights = _scaled((l1, l2), _coefficients(coefficients, len(params), info), len(params), info)
+    weights = _weights((l1, l2), coefficients, len(params), info)
     if not (_C is not None and _C.grads_ready(params)):  # else: the common case, checked natively
         grads = _check_grads(params)
         # Every check has passed: from here on the parameters' gradients may change.
@@ -201,6 +210,5 @@ def prox_l1_(params: TensorList, threshold: float, *, coefficients: Coefficients
     params, info = _in_place_target(params, backend)
     if info is None:
         return
-    thresholds = _scaled((threshold,), _coefficients(coefficients, len(params), info),
-                         len(params), info)[0]
+    thresholds = _weights((threshold,), coefficients, len(params), info)[0]
     _run_in_place(ops.prox_l1_, ops.run_prox_l1_, params, (params, thresholds, backend), info)

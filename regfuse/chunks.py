@@ -178,5 +178,5 @@ def build_metadata(tensors: Sequence[Tensor], chunk_size: int) -> tuple[Tensor, 
 
 
 def clear_cache() -> None:
-    """Forget every cached table (tests use it; kernels never need it)."""
+    """Forget every cached table (to release their memory; correctness never needs it)."""
     _cache.clear()

@@ -36,6 +36,8 @@ def inspect_py(tensors: list) -> ListInfo:
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
             raise TypeError(f"regfuse: element {i} is a {type(t).__name__}, not a torch.Tensor")
+        if t.layout != torch.strided:
+            raise TypeError(f"regfuse: tensor {i} has layout {t.layout}; dense (strided) tensors only")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
                 f"regfuse: tensor {i} has dtype {t.dtype}; expected float32, float64, "
@@ -81,3 +83,25 @@ def check_nonnegative(name: str, value: float) -> float:
     if not value >= 0:  # also refuses NaN
         raise ValueError(f"regfuse: {name} must be a non-negative number, got {value}")
     return value
+
+
+def _first_overlap_py(tensors: list) -> "tuple[int, int] | None":
+    ranges = []
+    for i, t in enumerate(tensors):
+        if t.numel():
+            last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+            ranges.append((t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size(), i))
+    ranges.sort()
+    for (_, end, i), (begin, _, j) in zip(ranges, ranges[1:]):
+        if begin < end:
+            return min(i, j), max(i, j)
+    return None
+
+
+def check_distinct(tensors: list) -> None:
+    """Refuse a list that names the same memory twice: an in-place op would race with itself."""
+    overlap = _first_overlap_py(tensors) if _C is None else _C.first_overlap(tensors)
+    if overlap is not None:
+        i, j = overlap
+        raise ValueError(f"regfuse: tensors {i} and {j} share memory; an in-place update needs "
+                         "distinct tensors")

@@ -1,4 +1,4 @@
-"""The user stories of the project (how people regularize in PyTorch today), each
+"""The common ways people regularize in PyTorch today, each
 checked against the plain-PyTorch code its author meant, with its bugs fixed.
 
 Each story also has a runnable script in examples/; the fast ones are run here.
@@ -205,7 +205,7 @@ def test_activation_gradient_penalty(backend):
     x, labels = torch.rand(4, 3, 14, 14), torch.randint(0, 10, (4,))
     weight = 10.0
 
-    # The working answer: autograd.grad(create_graph=True), then one backward.
+    # The correct recipe: autograd.grad(create_graph=True), then one backward.
     plain_acts = regfuse.ActivationRegularizer(reference.relu)  # capture only
 
     def plain_loss(step):

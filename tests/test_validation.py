@@ -44,7 +44,7 @@ class Snapshot(NamedTuple):
     @classmethod
     def of(cls, tensors) -> "Snapshot":
         tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.device.type != "meta"]
-        return cls([t.detach().clone() for t in tensors],
+        return cls([t.detach().to_dense().clone() for t in tensors],
                    [None if t.grad is None else t.grad.to_dense().clone() for t in tensors],
                    [t._version for t in tensors])
 
@@ -77,6 +77,7 @@ BAD_ELEMENTS = {
     "complex tensor": (lambda d: torch.ones(2, dtype=torch.complex64, device=d), TypeError, "dtype"),
     "not a tensor": (lambda d: 1.5, TypeError, "not a torch.Tensor"),
     "other device": (lambda d: torch.ones(2, device=_other_device()), ValueError, "one device"),
+    "sparse tensor": (lambda d: torch.ones(2, 2, device=d).to_sparse(), TypeError, "layout"),
 }
 
 
@@ -181,3 +182,44 @@ def test_add_grad_sparse_gradient(backend, device):
     p.grad = torch.randn(4, 3, device=device).to_sparse()
     tensors = _valid_params(device) + [p]
     _assert_raises_and_keeps("add_penalty_grad_", tensors, TypeError, "sparse", backend=backend)
+
+
+@pytest.mark.parametrize("op", ["add_penalty_grad_", "prox_l1_"])
+@pytest.mark.parametrize("alias", ["same tensor", "overlapping view"])
+def test_in_place_ops_refuse_aliased_tensors(backend, device, op, alias):
+    params = _valid_params(device)
+    first = params[0]
+    params.append(first if alias == "same tensor" else first.detach()[1:3])
+    _assert_raises_and_keeps(op, params, ValueError, "share memory", backend=backend)
+
+
+@pytest.mark.parametrize("op", WITH_COEFFICIENTS)
+def test_scalar_coefficients(op):
+    _assert_raises_and_keeps(op, _valid_params("cpu"), ValueError, "sequence of 3 numbers",
+                             coefficients=0.5)
+
+
+@pytest.mark.parametrize("coefficients", [[], torch.tensor([])], ids=["list", "tensor"])
+def test_empty_list_takes_empty_coefficients(coefficients):
+    assert regfuse.penalty([], 0.5, 0.5, coefficients=coefficients).item() == 0
+    with pytest.raises(ValueError, match="sequence of 0 numbers"):
+        regfuse.penalty([], 0.5, 0.5, coefficients=torch.tensor([1.0]))
+
+
+def test_empty_list_results_are_float32_whatever_the_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert regfuse.norms([]).dtype == torch.float32
+        assert regfuse.penalty([]).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_a_call_under_inference_mode_does_not_break_later_training(backend, device):
+    weight = torch.randn(5, device=device, requires_grad=True)
+    with torch.inference_mode():
+        regfuse.penalty([weight.detach()], 0.125, 0.375, backend=backend)  # same cached weights
+    regfuse.penalty([weight], 0.125, 0.375, backend=backend).backward()
+    expected = 0.125 * torch.sign(weight.detach()) + 0.75 * weight.detach()
+    torch.testing.assert_close(weight.grad, expected)

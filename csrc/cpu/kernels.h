@@ -1,6 +1,7 @@
-// regfuse CPU kernels: the same three entry points as the CUDA launchers
-// (cuda/launchers.h), over the same metadata, run on the host. No torch types in the
-// interface; the binding owns allocation and validation.
+// regfuse CPU kernels: the three operations of the CUDA launchers (cuda/launchers.h), over
+// the same metadata, run on the host; backward takes per-tensor output pointers instead
+// of CUDA's flat buffers. No torch types in the interface; the binding owns allocation
+// and validation.
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,8 @@
 """Backend registry: which backends exist, which can run here, and what ``"auto"`` picks.
 
 A backend is a module implementing :class:`regfuse.backends.base.Backend`. Adding one
-means writing that module and adding a line to ``_MODULES``.
+means writing that module, adding a line to ``_MODULES`` and placing it in the
+``_AUTO_ORDER`` of the devices it serves.
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def _module(name: str) -> Optional[ModuleType]:
 
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """``None`` if backend ``name`` can run on ``device`` here, else the reason it cannot."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(NAMES)}")
+    check_backend_name(name)
+    if name == "auto":
+        raise ValueError("regfuse: 'auto' is not a backend; ask for a backend by name")
     module = _module(name)
     if module is None:
         return _import_errors[name]
@@ -57,7 +59,7 @@ def available_backends(device: "str | torch.device" = "cpu") -> list[str]:
 
 def check_backend_name(name: str) -> None:
     if name != "auto" and name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(NAMES)}")
+        raise ValueError(f"regfuse: unknown backend {name!r}; expected 'auto' or one of {list(NAMES)}")
 
 
 def resolve(name: str, device: torch.device) -> ModuleType:

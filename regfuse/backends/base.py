@@ -4,8 +4,8 @@ A backend sees only validated input: a non-empty list of contiguous floating-poi
 tensors, all on one device, plus the accumulation dtype (float64 where any input is
 float64, else float32). Everything user-facing (argument checks, coefficients,
 autograd, non-contiguous inputs, ``None`` gradients) is handled once in
-:mod:`regfuse.api` and :mod:`regfuse.ops`, so a new backend is four functions and one
-registry line in :mod:`regfuse.backends`.
+:mod:`regfuse.api` and :mod:`regfuse.ops`, so a new backend is four functions and its
+entries in the registry (:mod:`regfuse.backends`).
 
 The per-element maths of every op is ``a_i * sign(x) + b_i * x`` (gradients) or a sum
 of ``|x|`` / ``x**2`` / ``max |x|`` (reductions); the per-tensor scalars ``a_i``, ``b_i``
