@@ -30,6 +30,13 @@ def _contiguous(tensors: Sequence[Tensor], info: ListInfo) -> list[Tensor]:
     return list(tensors) if info.contiguous else [t.contiguous() for t in tensors]
 
 
+def _write_back(originals: Sequence[Tensor], work: Sequence[Tensor]) -> None:
+    """Copies the contiguous stand-ins an in-place kernel updated back into the originals."""
+    for original, updated in zip(originals, work):
+        if updated is not original:
+            original.copy_(updated)
+
+
 def run_reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor], backend: str,
                info: Optional[ListInfo] = None) -> Tensor:
     info = info or inspect(tensors)
@@ -55,9 +62,7 @@ def run_add_grad_(grads: Sequence[Tensor], params: Sequence[Tensor], weights: Te
     with torch.no_grad():
         impl.backward(_contiguous(params, info), Reduction.PENALTY, weights.new_ones(()), None,
                       weights, info.acc_dtype, accumulate_into=work)
-        for g, w in zip(grads, work):
-            if w is not g:
-                g.copy_(w)
+        _write_back(grads, work)
 
 
 def run_prox_l1_(params: Sequence[Tensor], thresholds: Tensor, backend: str,
@@ -67,9 +72,7 @@ def run_prox_l1_(params: Sequence[Tensor], thresholds: Tensor, backend: str,
     work = _contiguous(params, info)
     with torch.no_grad():
         impl.prox_l1_(work, thresholds)
-        for p, w in zip(params, work):
-            if w is not p:
-                p.copy_(w)
+        _write_back(params, work)
 
 
 # ---- torch.library registration -------------------------------------------------------

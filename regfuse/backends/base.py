@@ -108,3 +108,11 @@ def grad_scales(op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
         assert weights is not None
         return grad_out * weights[0], 2 * grad_out * weights[1]
     raise ValueError(f"no fused gradient for {op!r}")
+
+
+def scale_table(op: Reduction, grad_out: Tensor, norms: Optional[Tensor], weights: Optional[Tensor],
+                n: int, acc_dtype: torch.dtype) -> Tensor:
+    """:func:`grad_scales` as one contiguous ``(2, n)`` tensor of ``acc_dtype``: row 0 is
+    ``a``, row 1 is ``b``, the layout every kernel's backward reads."""
+    a, b = grad_scales(op, grad_out, norms, weights)
+    return torch.stack((a.to(acc_dtype).expand(n), b.to(acc_dtype).expand(n)))

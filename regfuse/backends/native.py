@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import Reduction, grad_scales
+from .base import Reduction, scale_table
 
 try:
     from regfuse import _C
@@ -33,9 +33,7 @@ def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
 def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
              weights: Optional[Tensor], acc_dtype: torch.dtype,
              accumulate_into: Optional[Sequence[Tensor]] = None) -> Optional[list[Tensor]]:
-    n = len(tensors)
-    a, b = grad_scales(op, grad_out, norms, weights)
-    scales = torch.stack([a.to(acc_dtype).expand(n), b.to(acc_dtype).expand(n)])
+    scales = scale_table(op, grad_out, norms, weights, len(tensors), acc_dtype)
     stream = _stream(tensors[0].device)
     acc_double = acc_dtype == torch.float64
     if accumulate_into is None:

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import Reduction, grad_scales
+from .base import Reduction, scale_table
 
 name = "reference"
 
@@ -50,10 +50,7 @@ def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
 def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor,
              norms: Optional[Tensor], weights: Optional[Tensor], acc_dtype: torch.dtype,
              accumulate_into: Optional[Sequence[Tensor]] = None) -> Optional[list[Tensor]]:
-    a, b = grad_scales(op, grad_out, norms, weights)
-    n = len(tensors)
-    a = a.to(acc_dtype).expand(n)
-    b = b.to(acc_dtype).expand(n)
+    a, b = scale_table(op, grad_out, norms, weights, len(tensors), acc_dtype)
     terms = [a[i] * torch.sign(x.to(acc_dtype)) + b[i] * x.to(acc_dtype)
              for i, x in enumerate(tensors)]
     if accumulate_into is None:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import Reduction, grad_scales
+from .base import Reduction, scale_table
 
 name = "triton"
 
@@ -53,9 +53,7 @@ def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor,
              accumulate_into: Optional[Sequence[Tensor]] = None) -> Optional[list[Tensor]]:
     from ..triton import grad as kernels
 
-    a, b = grad_scales(op, grad_out, norms, weights)
-    n = len(tensors)
-    scales = torch.stack((a.expand(n), b.expand(n))).to(acc_dtype).contiguous()
+    scales = scale_table(op, grad_out, norms, weights, len(tensors), acc_dtype)
     return kernels.penalty_grad(tensors, scales, acc_dtype, accumulate_into)
 
 
