@@ -1,7 +1,8 @@
-// The only file that includes torch: list inspection, the metadata cache, allocation,
-// the device guard and the dispatch to the CPU kernels or the CUDA launchers. The CUDA
-// stream comes from Python (torch.cuda.current_stream().cuda_stream), so this file needs
-// no CUDA headers and builds against a CPU-only torch.
+// The only file that includes torch: list inspection, argument checks, the metadata
+// cache, allocation, the device guard and the dispatch to the CPU kernels or the CUDA
+// launchers. The CUDA stream and whether it is capturing a graph come from Python
+// (regfuse/device_cache.py::current_stream), so this file needs no CUDA headers and
+// builds against a CPU-only torch.
 #include <torch/extension.h>
 
 #include <c10/core/DeviceGuard.h>
@@ -107,13 +108,85 @@ py::object first_overlap(const std::vector<at::Tensor>& tensors) {
   return py::none();
 }
 
+// ---- argument checks -------------------------------------------------------------------
+// The kernels take raw pointers, so everything they read is checked here, whoever calls
+// (regfuse.ops or regfuse._C directly): a bad argument raises before any kernel runs
+// instead of reading past a buffer or dereferencing a host pointer on the device.
+
+// A non-empty list of dense, contiguous tensors of supported dtypes on one device.
+void check_list(const std::vector<at::Tensor>& tensors, const char* what) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "regfuse: the list of ", what, "s is empty");
+  const at::Device device = tensors[0].device();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_TYPE(t.defined() && t.layout() == at::kStrided && dtype_code(t.scalar_type()) >= 0,
+                     "regfuse: ", what, " ", i, " must be a dense float32, float64, float16 or "
+                     "bfloat16 tensor, got ", t.defined() ? t.toString() : "an undefined tensor");
+    TORCH_CHECK_VALUE(t.device() == device, "regfuse: ", what, " ", i, " is on ", t.device(), ", ",
+                      what, " 0 on ", device);
+    TORCH_CHECK_VALUE(t.is_contiguous(), "regfuse: ", what, " ", i, " is not contiguous");
+  }
+  TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), "regfuse: unsupported device ", device);
+}
+
+// Gradients that the kernels write through: one per tensor, each dense and shaped, typed
+// and placed like its tensor (contiguity is check_list's).
+void check_matching(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& tensors) {
+  TORCH_CHECK_VALUE(grads.size() == tensors.size(), "regfuse: ", grads.size(), " gradients for ",
+                    tensors.size(), " tensors; one gradient per tensor");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_TYPE(g.defined() && g.layout() == at::kStrided, "regfuse: gradient ", i,
+                     " must be a dense tensor, got ", g.defined() ? g.toString() : "an undefined tensor");
+    TORCH_CHECK_VALUE(g.sizes() == t.sizes() && g.scalar_type() == t.scalar_type() &&
+                          g.device() == t.device(),
+                      "regfuse: gradient ", i, " (", g.sizes(), ", ", g.scalar_type(), ", ", g.device(),
+                      ") does not match its tensor (", t.sizes(), ", ", t.scalar_type(), ", ",
+                      t.device(), ")");
+  }
+}
+
+// A table of per-tensor numbers the kernels index by tensor: `rows` x n (one row: shape
+// (n,)) in the accumulation dtype on the tensors' device; returned contiguous.
+at::Tensor per_tensor_table(const c10::optional<at::Tensor>& table, const char* name, int64_t rows,
+                            const std::vector<at::Tensor>& tensors, bool acc_double) {
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  const at::ScalarType acc = acc_double ? at::kDouble : at::kFloat;
+  const std::vector<int64_t> shape = rows == 1 ? std::vector<int64_t>{n} : std::vector<int64_t>{rows, n};
+  TORCH_CHECK_VALUE(table.has_value() && table->defined(), "regfuse: ", name, " are required");
+  const at::Tensor& t = *table;
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.sizes() == c10::IntArrayRef(shape) &&
+                        t.scalar_type() == acc && t.device() == tensors[0].device(),
+                    "regfuse: ", name, " must be a dense ", c10::IntArrayRef(shape), " ", acc,
+                    " tensor on ", tensors[0].device(), " (the accumulation dtype of the list), got ",
+                    t.sizes(), " ", t.scalar_type(), " on ", t.device());
+  return t.contiguous();
+}
+
 // ---- metadata cache ------------------------------------------------------------------
 // Keyed by everything the table is computed from (chunk size, device, data pointers,
-// sizes, dtypes), so a hit is always the right table; a training loop that passes the
-// same parameters every step pays one host build and one host-to-device copy in all.
+// sizes, dtypes) and by the stream that uses it, so a hit is always the right table; a
+// training loop that passes the same parameters every step pays one host build and one
+// upload in all.
+//
+// No host synchronization: a miss uploads from pinned memory with a non-blocking copy on
+// the current stream, and the pinned block stays in the entry (alive as long as the
+// table; the caching host allocator also defers its reuse until the copy is done).
+//
+// Streams: an entry is made and used on one stream only (the stream is part of the key),
+// so freeing it on eviction is ordered after its last use by the CUDA caching allocator,
+// which recycles a block only for later work on the stream it was allocated on.
+//
+// CUDA graphs: a captured kernel reads the table at the same address on every replay,
+// and a table first made during capture is uploaded by a copy recorded in the graph. So
+// an entry used while the stream is capturing becomes permanent: never evicted, never
+// freed (with its pinned source). During capture, a table made on another stream (the
+// usual warm-up on a side stream) is taken rather than built again.
 
 struct Metadata {
   at::Tensor table;  // int64, on the tensors' device
+  at::Tensor host;   // the same table on the host (pinned for CUDA: the upload's source)
   MetaLayout layout;
   int64_t flat_size[kNumDTypes];
 };
@@ -128,46 +201,106 @@ struct KeyHash {
 
 class MetadataCache {
  public:
-  Metadata get(const std::vector<at::Tensor>& tensors, int64_t chunk_size) {
+  Metadata get(const std::vector<at::Tensor>& tensors, int64_t chunk_size, int64_t stream, bool capturing) {
     const int64_t n = static_cast<int64_t>(tensors.size());
     const at::Device device = tensors[0].device();
     std::vector<int64_t> key;
-    key.reserve(3 * n + 3);
+    key.reserve(3 * n + kHeader);
     key.push_back(chunk_size);
     key.push_back(static_cast<int64_t>(device.type()));
     key.push_back(device.index());
+    key.push_back(stream);  // kStreamSlot
     for (const at::Tensor& t : tensors) key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
     for (const at::Tensor& t : tensors) key.push_back(t.numel());
     for (const at::Tensor& t : tensors) key.push_back(dtype_code(t.scalar_type()));
 
     std::lock_guard<std::mutex> lock(mutex_);
-    auto found = index_.find(key);
+    const auto permanent = permanent_.find(key);
+    if (permanent != permanent_.end()) return permanent->second;
+    const auto found = index_.find(key);
     if (found != index_.end()) {
-      entries_.splice(entries_.begin(), entries_, found->second);
-      return found->second->second;
+      const Metadata meta = found->second->second;
+      if (capturing) {
+        entries_.erase(found->second);
+        index_.erase(found);
+        permanent_.emplace(std::move(key), meta);
+      } else {
+        entries_.splice(entries_.begin(), entries_, found->second);
+      }
+      return meta;
     }
-    const std::vector<int64_t> ptrs(key.begin() + 3, key.begin() + 3 + n);
-    const std::vector<int64_t> numels(key.begin() + 3 + n, key.begin() + 3 + 2 * n);
-    const std::vector<int64_t> dtypes(key.begin() + 3 + 2 * n, key.end());
-    Metadata meta;
-    std::vector<int64_t> host = build_metadata(ptrs, numels, dtypes, chunk_size, &meta.layout);
-    flat_sizes(host.data(), meta.layout, meta.flat_size);
-    meta.table = torch::tensor(host, torch::dtype(torch::kInt64)).to(device);
-    entries_.emplace_front(std::move(key), meta);
-    index_[entries_.front().first] = entries_.begin();
-    if (entries_.size() > kCapacity) {
-      index_.erase(entries_.back().first);
-      entries_.pop_back();
+    if (capturing) {
+      const Metadata* other = made_on_another_stream(key);
+      if (other != nullptr) {
+        const Metadata meta = *other;
+        permanent_.emplace(std::move(key), meta);
+        return meta;
+      }
+    }
+    const Metadata meta = build(key, n, chunk_size, device);
+    if (capturing) {
+      permanent_.emplace(std::move(key), meta);
+    } else {
+      entries_.emplace_front(std::move(key), meta);
+      index_[entries_.front().first] = entries_.begin();
+      if (entries_.size() > kCapacity) {
+        index_.erase(entries_.back().first);
+        entries_.pop_back();
+      }
     }
     return meta;
   }
 
  private:
   static constexpr size_t kCapacity = 64;
+  static constexpr size_t kHeader = 4;      // chunk size, device type, device index, stream
+  static constexpr size_t kStreamSlot = 3;
+
+  static Metadata build(const std::vector<int64_t>& key, int64_t n, int64_t chunk_size,
+                        const at::Device& device) {
+    const auto first = key.begin() + kHeader;
+    const std::vector<int64_t> ptrs(first, first + n);
+    const std::vector<int64_t> numels(first + n, first + 2 * n);
+    const std::vector<int64_t> dtypes(first + 2 * n, key.end());
+    Metadata meta;
+    const std::vector<int64_t> host = build_metadata(ptrs, numels, dtypes, chunk_size, &meta.layout);
+    flat_sizes(host.data(), meta.layout, meta.flat_size);
+    const auto size = static_cast<int64_t>(host.size());
+    meta.host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(device.is_cuda()));
+    std::copy(host.begin(), host.end(), meta.host.data_ptr<int64_t>());
+    if (device.is_cuda()) {
+      // Issued on the device's current stream, the one the kernels run on.
+      meta.table = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
+      meta.table.copy_(meta.host, /*non_blocking=*/true);
+    } else {
+      meta.table = meta.host;
+    }
+    return meta;
+  }
+
+  static bool same_but_stream(const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
+    if (a.size() != b.size()) return false;
+    for (size_t k = 0; k < a.size(); ++k) {
+      if (k != kStreamSlot && a[k] != b[k]) return false;
+    }
+    return true;
+  }
+
+  const Metadata* made_on_another_stream(const std::vector<int64_t>& key) const {
+    for (const Entry& entry : entries_) {
+      if (same_but_stream(entry.first, key)) return &entry.second;
+    }
+    for (const auto& entry : permanent_) {
+      if (same_but_stream(entry.first, key)) return &entry.second;
+    }
+    return nullptr;
+  }
+
   using Entry = std::pair<std::vector<int64_t>, Metadata>;
   std::mutex mutex_;
-  std::list<Entry> entries_;
+  std::list<Entry> entries_;  // most recently used first
   std::unordered_map<std::vector<int64_t>, std::list<Entry>::iterator, KeyHash> index_;
+  std::unordered_map<std::vector<int64_t>, Metadata, KeyHash> permanent_;  // used by CUDA graphs
 };
 
 MetadataCache& metadata_cache() {
@@ -184,16 +317,12 @@ int64_t chunk_size_for(const std::vector<at::Tensor>& tensors) {
   return cpu::kChunkSize;
 }
 
-Metadata metadata_for(const std::vector<at::Tensor>& tensors) {
-  TORCH_CHECK(!tensors.empty(), "regfuse: empty tensor list");
-  if (on_cuda(tensors)) {
+// The table of a checked list (check_list) for this extension's kernels.
+Metadata metadata_for(const std::vector<at::Tensor>& tensors, int64_t stream, bool capturing) {
 #ifndef REGFUSE_WITH_CUDA
-    TORCH_CHECK(false, "regfuse: this build of the extension has no CUDA kernels");
+  TORCH_CHECK(!on_cuda(tensors), "regfuse: this build of the extension has no CUDA kernels");
 #endif
-  } else {
-    TORCH_CHECK(tensors[0].device().is_cpu(), "regfuse: unsupported device ", tensors[0].device());
-  }
-  return metadata_cache().get(tensors, chunk_size_for(tensors));
+  return metadata_cache().get(tensors, chunk_size_for(tensors), stream, capturing);
 }
 
 #ifdef REGFUSE_WITH_CUDA
@@ -202,23 +331,24 @@ void check_cuda_status(const char* error) { TORCH_CHECK(error == nullptr, "regfu
 void* stream_ptr(int64_t stream) { return reinterpret_cast<void*>(stream); }
 #endif
 
-at::Tensor acc_vector(const at::Tensor& t, bool acc_double) {
-  TORCH_CHECK(t.scalar_type() == (acc_double ? at::kDouble : at::kFloat),
-              "regfuse: per-tensor scalars must be in the accumulation dtype");
-  return t.contiguous();
-}
-
 // ---- ops -------------------------------------------------------------------------------
 
+// `stream` is the current CUDA stream of the tensors' device (0 for CPU tensors) and
+// `capturing` whether it is capturing a CUDA graph (see MetadataCache).
 at::Tensor reduce(const std::vector<at::Tensor>& tensors, int64_t op,
-                  const c10::optional<at::Tensor>& weights, bool acc_double, int64_t stream) {
-  const Metadata meta = metadata_for(tensors);
+                  const c10::optional<at::Tensor>& weights, bool acc_double, int64_t stream,
+                  bool capturing) {
+  check_list(tensors, "tensor");
+  TORCH_CHECK_VALUE(op >= kL1 && op <= kPenalty, "regfuse: unknown reduction ", op);
+  // Only kPenalty reads weights: (2, n).
+  const at::Tensor w = op == kPenalty ? per_tensor_table(weights, "weights", 2, tensors, acc_double)
+                                      : at::Tensor();
+  const void* w_ptr = w.defined() ? w.data_ptr() : nullptr;
+  const Metadata meta = metadata_for(tensors, stream, capturing);
   c10::DeviceGuard guard(tensors[0].device());
   const auto options = tensors[0].options().dtype(acc_double ? at::kDouble : at::kFloat);
   at::Tensor out = op == kPenalty ? at::empty({}, options)
                                   : at::empty({static_cast<int64_t>(tensors.size())}, options);
-  const at::Tensor w = weights ? acc_vector(*weights, acc_double) : at::Tensor();
-  const void* w_ptr = w.defined() ? w.data_ptr() : nullptr;
   const int64_t* table = meta.table.data_ptr<int64_t>();
   if (on_cuda(tensors)) {
 #ifdef REGFUSE_WITH_CUDA
@@ -272,8 +402,9 @@ GradBufferPool& cpu_grad_pool() {
   return pool;
 }
 
-// Gradient outputs shaped like `tensors`: views of one flat buffer per dtype (in list
-// order, as the CUDA kernels' flat_offset expects), with each view's data pointer.
+// Gradient outputs shaped like `tensors`: views of one flat buffer per dtype, tensor i at
+// the table's (aligned) flat_offset[i], where the CUDA kernels write it; with each view's
+// data pointer.
 struct GradOutputs {
   std::vector<at::Tensor> grads;
   std::vector<int64_t> ptrs;
@@ -294,14 +425,14 @@ GradOutputs allocate_grads(const std::vector<at::Tensor>& tensors, const Metadat
   }
   out.grads.reserve(tensors.size());
   out.ptrs.reserve(tensors.size());
-  int64_t offset[kNumDTypes] = {0, 0, 0, 0};
-  for (const at::Tensor& t : tensors) {
+  const int64_t* flat_offset = meta.host.data_ptr<int64_t>() + meta.layout.flat_offset();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
     const int64_t d = dtype_code(t.scalar_type());
     if (t.numel() == 0) {  // no flat buffer exists for a dtype whose tensors are all empty
       out.grads.push_back(at::empty(t.sizes(), t.options()));
     } else {
-      out.grads.push_back(flat[d].narrow(0, offset[d], t.numel()).view(t.sizes()));
-      offset[d] += t.numel();
+      out.grads.push_back(flat[d].narrow(0, flat_offset[i], t.numel()).view(t.sizes()));
     }
     out.ptrs.push_back(reinterpret_cast<int64_t>(out.grads.back().data_ptr()));
   }
@@ -312,10 +443,15 @@ GradOutputs allocate_grads(const std::vector<at::Tensor>& tensors, const Metadat
 // gradients (views of one flat buffer per dtype).
 std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, const at::Tensor& scales,
                                      bool acc_double, const std::vector<at::Tensor>* into,
-                                     int64_t stream) {
-  const Metadata meta = metadata_for(tensors);
+                                     int64_t stream, bool capturing) {
+  check_list(tensors, "tensor");
+  if (into != nullptr) {
+    check_matching(*into, tensors);
+    check_list(*into, "gradient");
+  }
+  const at::Tensor s = per_tensor_table(scales, "scales", 2, tensors, acc_double);
+  const Metadata meta = metadata_for(tensors, stream, capturing);
   c10::DeviceGuard guard(tensors[0].device());
-  const at::Tensor s = acc_vector(scales, acc_double);
   const int64_t* table = meta.table.data_ptr<int64_t>();
   if (on_cuda(tensors)) {
 #ifdef REGFUSE_WITH_CUDA
@@ -323,7 +459,7 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, con
     const int64_t* out_table = nullptr;
     Metadata out_meta;
     if (into != nullptr) {
-      out_meta = metadata_for(*into);
+      out_meta = metadata_for(*into, stream, capturing);
       out_table = out_meta.table.data_ptr<int64_t>();
     } else {
       out = allocate_grads(tensors, meta);
@@ -348,21 +484,21 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, con
 }
 
 std::vector<at::Tensor> grad(const std::vector<at::Tensor>& tensors, const at::Tensor& scales,
-                             bool acc_double, int64_t stream) {
-  return run_backward(tensors, scales, acc_double, nullptr, stream);
+                             bool acc_double, int64_t stream, bool capturing) {
+  return run_backward(tensors, scales, acc_double, nullptr, stream, capturing);
 }
 
 void add_grad_(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& tensors,
-               const at::Tensor& scales, bool acc_double, int64_t stream) {
-  TORCH_CHECK(grads.size() == tensors.size(), "regfuse: one gradient per tensor");
-  run_backward(tensors, scales, acc_double, &grads, stream);
+               const at::Tensor& scales, bool acc_double, int64_t stream, bool capturing) {
+  run_backward(tensors, scales, acc_double, &grads, stream, capturing);
 }
 
 void prox_l1_(const std::vector<at::Tensor>& tensors, const at::Tensor& thresholds, bool acc_double,
-              int64_t stream) {
-  const Metadata meta = metadata_for(tensors);
+              int64_t stream, bool capturing) {
+  check_list(tensors, "tensor");
+  const at::Tensor t = per_tensor_table(thresholds, "thresholds", 1, tensors, acc_double);
+  const Metadata meta = metadata_for(tensors, stream, capturing);
   c10::DeviceGuard guard(tensors[0].device());
-  const at::Tensor t = acc_vector(thresholds, acc_double);
   const int64_t* table = meta.table.data_ptr<int64_t>();
   if (on_cuda(tensors)) {
 #ifdef REGFUSE_WITH_CUDA
@@ -375,9 +511,12 @@ void prox_l1_(const std::vector<at::Tensor>& tensors, const at::Tensor& threshol
 }
 
 // The cached table for a list and a chunk size, for the Triton kernels.
-py::tuple metadata(const std::vector<at::Tensor>& tensors, int64_t chunk_size) {
-  TORCH_CHECK(!tensors.empty() && chunk_size > 0, "regfuse: metadata needs tensors and a chunk size");
-  const Metadata meta = metadata_cache().get(tensors, chunk_size);
+py::tuple metadata(const std::vector<at::Tensor>& tensors, int64_t chunk_size, int64_t stream,
+                   bool capturing) {
+  check_list(tensors, "tensor");
+  TORCH_CHECK_VALUE(chunk_size > 0 && chunk_size % (kAlignment / kElementSize[kFloat16]) == 0,
+                    "regfuse: the chunk size must be a positive multiple of 8 elements, got ", chunk_size);
+  const Metadata meta = metadata_cache().get(tensors, chunk_size, stream, capturing);
   return py::make_tuple(meta.table, meta.layout.num_chunks);
 }
 
@@ -398,16 +537,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("inspect", &inspect, "(acc_double, requires_grad, contiguous) of a valid list, else None");
   m.def("first_overlap", &first_overlap, "(i, j) of the first two tensors sharing memory, or None");
   m.def("grads_ready", &grads_ready, "every tensor has a dense contiguous .grad like itself");
+  m.def("check_gradients", &check_matching, "raise unless grads[i] is dense and like tensors[i]",
+        py::arg("grads"), py::arg("tensors"));
+  // stream: the current CUDA stream's handle (0 on the CPU); capturing: whether it is
+  // capturing a CUDA graph. Both key and pin the cached tables (MetadataCache).
   m.def("reduce", &reduce, "per-tensor norms or the weighted penalty", py::arg("tensors"),
-        py::arg("op"), py::arg("weights"), py::arg("acc_double"), py::arg("stream") = 0);
+        py::arg("op"), py::arg("weights"), py::arg("acc_double"), py::arg("stream") = 0,
+        py::arg("capturing") = false);
   m.def("grad", &grad, "a*sign(x)+b*x per tensor, as views of one flat buffer per dtype",
-        py::arg("tensors"), py::arg("scales"), py::arg("acc_double"), py::arg("stream") = 0);
+        py::arg("tensors"), py::arg("scales"), py::arg("acc_double"), py::arg("stream") = 0,
+        py::arg("capturing") = false);
   m.def("add_grad_", &add_grad_, "grads[i] += a*sign(x)+b*x in place", py::arg("grads"),
-        py::arg("tensors"), py::arg("scales"), py::arg("acc_double"), py::arg("stream") = 0);
+        py::arg("tensors"), py::arg("scales"), py::arg("acc_double"), py::arg("stream") = 0,
+        py::arg("capturing") = false);
   m.def("prox_l1_", &prox_l1_, "in-place soft-thresholding", py::arg("tensors"),
-        py::arg("thresholds"), py::arg("acc_double"), py::arg("stream") = 0);
+        py::arg("thresholds"), py::arg("acc_double"), py::arg("stream") = 0,
+        py::arg("capturing") = false);
   m.def("metadata", &metadata, "(int64 table on the device, number of chunks)", py::arg("tensors"),
-        py::arg("chunk_size"));
+        py::arg("chunk_size"), py::arg("stream") = 0, py::arg("capturing") = false);
   m.def("empty_cache", [] { cpu_grad_pool().clear(); },
         "release the CPU gradient buffers kept for reuse");
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");

@@ -19,6 +19,13 @@ enum Reduction : int {
 // Element types; values shared with regfuse/backends/base.py::DTypeCode.
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kNumDTypes = 4 };
 
+// Bytes per element of each DType code.
+constexpr int64_t kElementSize[kNumDTypes] = {4, 8, 2, 2};
+
+// Bytes of the widest vector access of the GPU kernels (ld/st.global.v4, a 128-bit Triton
+// load): what "aligned" means below.
+constexpr int64_t kAlignment = 16;
+
 // The multi-tensor metadata: one int64 buffer, built once per list by multi_tensor.h and
 // read by every kernel family (CPU, CUDA, Triton). For n tensors cut into C chunks:
 //   [0, n)                 data pointer of tensor i
@@ -28,7 +35,16 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kNum
 //   [4n+1, 4n+1+C)         chunk_tensor: the tensor of chunk c
 //   [4n+1+C, 4n+1+2C)      chunk_start: element offset of chunk c within its tensor
 //   [4n+1+2C, 5n+1+2C)     flat_offset: offset of tensor i in the flat buffer of its dtype
-// Empty tensors own no chunk.
+// Empty tensors own no chunk. Tensors of one dtype are packed into its flat buffer (the
+// fused backward's output) in list order, each slot starting on a kAlignment-byte
+// boundary (offsets padded: multi_tensor.h::flat_slot), so that a tensor whose byte size
+// is not a multiple of 16 leaves every later slot aligned.
+//
+// Alignment is decided per chunk, at run time, from the chunk's addresses: a full chunk
+// whose input (and output) addresses are kAlignment-byte aligned takes the 16-byte
+// vector path, any other chunk the element-wise path. Chunk starts are multiples of the
+// chunk size, itself a multiple of 16 elements, so a chunk is aligned iff its tensor's
+// data pointer (and its output slot) is.
 struct MetaLayout {
   int64_t num_tensors;
   int64_t num_chunks;

@@ -5,7 +5,6 @@ it raises), then hands one list to one backend call.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Iterable, Optional, Sequence, Union
 
@@ -14,6 +13,7 @@ from torch import Tensor
 
 from . import backends, ops
 from .backends.base import Reduction
+from .device_cache import DeviceCache, upload
 from .validation import _C, ListInfo, as_list, check_distinct, check_nonnegative, inspect
 
 TensorList = Union[Iterable[Tensor], Sequence[Tensor]]
@@ -43,14 +43,19 @@ def _builds_graph(info: ListInfo) -> bool:
 def _coefficients(coefficients: Coefficients, n: int) -> Optional[Tensor]:
     """The per-tensor coefficients as a checked ``(n,)`` tensor, or ``None`` for all ones.
 
-    Under ``torch.compile`` a coefficients *tensor* is not checked for negative values
-    (that would be a data-dependent branch); a sequence of numbers still is.
+    Shape and dtype are always checked. The values (no negative number, no NaN) are
+    checked where that needs no GPU synchronization: a sequence of numbers (returned as
+    a float64 CPU tensor, so that float64 lists get them exactly) and a CPU tensor. A
+    tensor on a GPU is taken as it is, since reading it would make the host wait for the
+    GPU; so is any tensor under ``torch.compile`` (the check would be a data-dependent
+    branch).
     """
     if coefficients is None:
         return None
     shape_error = f"regfuse: coefficients must be a sequence of {n} numbers (one per tensor)"
+    is_tensor = isinstance(coefficients, Tensor)
     try:
-        values = coefficients if isinstance(coefficients, Tensor) else list(coefficients)
+        values = coefficients if is_tensor else list(coefficients)
         c = torch.as_tensor(values)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{shape_error}, got {coefficients!r}") from None
@@ -59,28 +64,69 @@ def _coefficients(coefficients: Coefficients, n: int) -> Optional[Tensor]:
     if c.is_complex() or not (c.is_floating_point() or c.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"regfuse: coefficients must be real numbers, got dtype {c.dtype}")
     if torch.compiler.is_compiling():
-        nonnegative = isinstance(values, Tensor) or all(float(v) >= 0 for v in values)
+        nonnegative = is_tensor or all(float(v) >= 0 for v in values)
     else:
-        nonnegative = bool((c >= 0).all())  # also refuses NaN
+        if not is_tensor:
+            c = torch.as_tensor(values, dtype=torch.float64)
+        nonnegative = c.device.type != "cpu" or bool((c >= 0).all())  # also refuses NaN
     if not nonnegative:
         raise ValueError("regfuse: coefficients must be non-negative")
     return c
 
 
-@functools.lru_cache(maxsize=64)
-def _uniform(values: tuple, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    # Cached so that a training loop does not copy the same few scalars to the GPU every
-    # step; never an inference tensor, which a later backward could not save.
+def _rows(values: tuple, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``(len(values), n)`` with row ``k`` all ``values[k]``, filled on the device (no copy)."""
+    # Never an inference tensor: it is cached, and a later backward could not save it.
     with torch.inference_mode(False):
-        return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1).expand(len(values), n).contiguous()
+        return torch.stack([torch.full((n,), v, dtype=dtype, device=device) for v in values])
+
+
+def _scaled_rows(values: tuple, c: Tensor, device: torch.device, dtype: torch.dtype):
+    """``values[k] * c_i`` computed on the host in ``dtype`` (as on the device: same
+    rounding), uploaded without a host synchronization: (tensor, its pinned source)."""
+    with torch.inference_mode(False):
+        host = torch.tensor(values, dtype=dtype).unsqueeze(1) * c.to(dtype)
+        return upload(host, device)
+
+
+# Weight tables per (numbers, list length, dtype), device and stream; see device_cache.py
+# for why they are safe to reuse across streams and CUDA graphs.
+_weight_cache = DeviceCache(64)
 
 
 def _weights(values: tuple, coefficients: Coefficients, n: int, info: ListInfo) -> Tensor:
-    """``(len(values), n)`` in the accumulation dtype: row ``k`` is ``values[k] * c_i``."""
-    c = _coefficients(coefficients, n)
-    make = _uniform.__wrapped__ if torch.compiler.is_compiling() else _uniform
-    rows = make(values, n, info.device, info.acc_dtype)
-    return rows if c is None else rows * c.to(device=info.device, dtype=info.acc_dtype)
+    """``(len(values), n)`` in the accumulation dtype: row ``k`` is ``values[k] * c_i``.
+
+    Cached: a training loop passing the same numbers (``l1``, ``l2``, a coefficients list)
+    gets the same tensor back without building or copying anything, and new numbers reach
+    the GPU without a host synchronization. A coefficients tensor on the GPU is used
+    where it is (its values may change between calls, so it is never cached).
+    """
+    device, dtype = info.device, info.acc_dtype
+    if torch.compiler.is_compiling():  # traced into the graph: no cache
+        c = _coefficients(coefficients, n)
+        rows = _rows(values, n, device, dtype)
+        return rows if c is None else rows * c.to(device=device, dtype=dtype)
+    if coefficients is None or (isinstance(coefficients, Tensor) and coefficients.device.type != "cpu"):
+        c = _coefficients(coefficients, n)
+        rows, _ = _weight_cache.get(("rows", values, n, dtype), device,
+                                    lambda: (_rows(values, n, device, dtype), None))
+        return rows if c is None else rows * c.to(device=device, dtype=dtype)
+    if isinstance(coefficients, Tensor):  # on the CPU: checked now, cached by its values
+        numbers = tuple(_coefficients(coefficients, n).tolist())
+    else:
+        try:
+            numbers = tuple(coefficients)
+        except TypeError:  # not a sequence: _coefficients raises the precise error
+            _coefficients(coefficients, n)
+            raise
+    key = ("scaled", values, numbers, n, dtype)
+    build = lambda: _scaled_rows(values, _coefficients(numbers, n), device, dtype)  # noqa: E731
+    try:
+        hash(key)
+    except TypeError:  # unhashable entries: _coefficients says what is wrong
+        return build()[0]
+    return _weight_cache.get(key, device, build)[0]
 
 
 def norms(tensors: TensorList, p: float = 2, *, squared: bool = False, backend: str = "auto") -> Tensor:
@@ -116,8 +162,10 @@ def penalty(tensors: TensorList, l1: float = 0.0, l2: float = 0.0, *,
 
     ``l2`` multiplies the sum of squares (the Keras convention). ``coefficients`` is an
     optional per-tensor sequence or 1-D tensor ``c`` of non-negative numbers (default
-    all 1); it is a constant, not differentiated. Returns a 0-d float32 tensor (float64
-    where any input is float64), differentiable twice; 0 for an empty list.
+    all 1); it is a constant, not differentiated. The values of a coefficients tensor on
+    a GPU are not checked (that would synchronize with the GPU); everything else is.
+    Returns a 0-d float32 tensor (float64 where any input is float64), differentiable
+    twice; 0 for an empty list.
     """
     tensors = as_list(tensors)
     l1 = check_nonnegative("l1", l1)

@@ -6,22 +6,25 @@ into ``C`` chunks of ``chunk_size`` elements the table holds, in order::
     ptrs n | numels n | dtype codes n | chunk_offsets n+1 | chunk_tensor C | chunk_start C | flat_offset n
 
 Empty tensors own no chunk; ``flat_offset[i]`` is the offset of tensor ``i`` in the flat
-buffer of its dtype (tensors of one dtype packed in list order). The table is built with
-vectorized torch ops (no Python loop per chunk), copied to the tensors' device once, and
-cached: a training loop that passes the same tensors every step pays neither the build
-nor the host-to-device copy again. Where the C++ extension is built, its
-``_C.metadata`` builds the same table natively; the Python build is the fallback.
+buffer of its dtype (tensors of one dtype in list order, each slot padded to a multiple
+of ``ALIGNMENT`` bytes, so that every slot of a 16-byte aligned buffer is aligned).
+Kernels choose the 16-byte vector path per chunk, from the chunk's addresses at run time.
+The table is built with vectorized torch ops (no Python loop per chunk), uploaded to the
+tensors' device once per stream without a host synchronization, and cached
+(:mod:`regfuse.device_cache`): a training loop that passes the same tensors every step
+pays neither the build nor the upload again. Where the C++ extension is built, its
+``_C.metadata`` builds the same table natively (``csrc/multi_tensor.h``); the Python
+build is the fallback.
 """
 from __future__ import annotations
 
-import collections
-import threading
 from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from .backends.base import DTYPE_CODES, DTypeCode
+from .device_cache import DeviceCache, current_stream, upload
 
 try:
     from regfuse import _C
@@ -29,9 +32,16 @@ except ImportError:  # the package works without the extension
     _C = None
 
 NUM_DTYPES = len(DTypeCode)
-ALIGNMENT = 16  # bytes of the widest vector load
+ALIGNMENT = 16  # bytes of the widest vector access (kAlignment in csrc/regfuse.h)
 _ITEMSIZE = {int(code): torch.empty(0, dtype=dtype).element_size() for dtype, code in DTYPE_CODES.items()}
 _CACHE_SIZE = 32
+
+
+def flat_slot(numel: int, code: int) -> int:
+    """Elements tensor of ``numel`` elements and dtype ``code`` takes in its flat buffer:
+    ``numel`` rounded up to whole ``ALIGNMENT``-byte vectors (``flat_slot`` in multi_tensor.h)."""
+    per_vector = ALIGNMENT // _ITEMSIZE[code]
+    return -(-numel // per_vector) * per_vector
 
 
 class MetaLayout(NamedTuple):
@@ -40,10 +50,8 @@ class MetaLayout(NamedTuple):
     num_tensors: int
     num_chunks: int
     chunk_size: int
-    dtype_numels: tuple  # total elements per dtype code: the size of each flat buffer
-    # Alignment facts kernels may use for vector loads (not part of the table):
-    ptrs_aligned: bool  # every data pointer is a multiple of ALIGNMENT bytes
-    flat_aligned: bool  # every flat_offset is a multiple of ALIGNMENT bytes
+    flat_sizes: tuple  # elements of the flat buffer of each dtype code (padded slots)
+    flat_offsets: tuple  # the table's flat_offset section, on the host
 
     @property
     def ptrs(self) -> int:
@@ -78,74 +86,40 @@ class MetaLayout(NamedTuple):
         return 5 * self.num_tensors + 1 + 2 * self.num_chunks
 
 
-def _exclusive_cumsum(x: Tensor, dim: int = 0) -> Tensor:
-    return torch.cumsum(x, dim) - x
-
-
-def _layout(ptrs: Sequence[int], numels: Sequence[int], codes: Sequence[int],
-            chunk_size: int) -> MetaLayout:
+def _layout(numels: Sequence[int], codes: Sequence[int], chunk_size: int) -> MetaLayout:
     num_chunks = sum(-(-numel // chunk_size) for numel in numels)
-    dtype_numels = [0] * NUM_DTYPES
+    flat_sizes = [0] * NUM_DTYPES
+    flat_offsets = []
     for numel, code in zip(numels, codes):
-        dtype_numels[code] += numel
-    ptrs_aligned = all(ptr % ALIGNMENT == 0 for ptr in ptrs)
-    # Flat offsets are running sums of numels, aligned if every tensor's byte size is.
-    flat_aligned = all(numel * _ITEMSIZE[code] % ALIGNMENT == 0 for numel, code in zip(numels, codes))
-    return MetaLayout(len(numels), num_chunks, chunk_size, tuple(dtype_numels), ptrs_aligned,
-                      flat_aligned)
+        flat_offsets.append(flat_sizes[code])
+        flat_sizes[code] += flat_slot(numel, code)
+    return MetaLayout(len(numels), num_chunks, chunk_size, tuple(flat_sizes), tuple(flat_offsets))
 
 
-def _build_host(ptrs: Sequence[int], numels: Sequence[int], codes: Sequence[int],
-                chunk_size: int) -> Tensor:
+def build_host(ptrs: Sequence[int], numels: Sequence[int], codes: Sequence[int], chunk_size: int,
+               layout: MetaLayout) -> Tensor:
     """The table on the CPU, from per-tensor lists (vectorized over tensors and chunks)."""
     n = len(ptrs)
-    ptrs_t = torch.tensor(ptrs, dtype=torch.int64)
     numels_t = torch.tensor(numels, dtype=torch.int64)
-    codes_t = torch.tensor(codes, dtype=torch.int64)
-
     chunks_per_tensor = (numels_t + (chunk_size - 1)) // chunk_size  # 0 for an empty tensor
     chunk_offsets = torch.zeros(n + 1, dtype=torch.int64)
     torch.cumsum(chunks_per_tensor, 0, out=chunk_offsets[1:])
     num_chunks = int(chunk_offsets[-1])
     chunk_tensor = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), chunks_per_tensor)
     chunk_start = (torch.arange(num_chunks, dtype=torch.int64) - chunk_offsets[chunk_tensor]) * chunk_size
-
-    # Offset within the flat buffer of its dtype: an exclusive running sum of the numels
-    # of the earlier tensors of the same dtype, computed for all dtypes at once.
-    numel_by_dtype = torch.nn.functional.one_hot(codes_t, NUM_DTYPES) * numels_t.unsqueeze(1)
-    flat_offset = _exclusive_cumsum(numel_by_dtype).gather(1, codes_t.unsqueeze(1)).squeeze(1)
-
-    return torch.cat([ptrs_t, numels_t, codes_t, chunk_offsets, chunk_tensor, chunk_start, flat_offset])
+    return torch.cat([torch.tensor(ptrs, dtype=torch.int64), numels_t,
+                      torch.tensor(codes, dtype=torch.int64), chunk_offsets, chunk_tensor,
+                      chunk_start, torch.tensor(layout.flat_offsets, dtype=torch.int64)])
 
 
-class _LRU:
-    """A small thread-safe least-recently-used map."""
-
-    def __init__(self, capacity: int):
-        self._capacity = capacity
-        self._items: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key, value) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
+def _check_chunk_size(chunk_size: int) -> None:
+    # Chunk starts must keep a 16-byte aligned tensor aligned for every dtype (regfuse.h).
+    if chunk_size <= 0 or chunk_size % (ALIGNMENT // 2) != 0:
+        raise ValueError(f"regfuse: the chunk size must be a positive multiple of 8 elements, "
+                         f"got {chunk_size}")
 
 
-_cache = _LRU(_CACHE_SIZE)
+_cache = DeviceCache(_CACHE_SIZE)
 
 
 def build_metadata(tensors: Sequence[Tensor], chunk_size: int) -> tuple[Tensor, MetaLayout]:
@@ -153,30 +127,31 @@ def build_metadata(tensors: Sequence[Tensor], chunk_size: int) -> tuple[Tensor, 
 
     ``tensors`` must be a non-empty list of contiguous float32/float64/float16/bfloat16
     tensors on one device. The table depends only on the data pointers, sizes and dtypes,
-    which form the cache key: a list whose tensors were reallocated at the same addresses
-    with the same sizes has the same table, so a hit is always correct.
+    which form the cache key (with the device and the current stream): a list whose
+    tensors were reallocated at the same addresses with the same sizes has the same
+    table, so a hit is always correct.
     """
     ptrs = tuple(t.data_ptr() for t in tensors)
     numels = tuple(t.numel() for t in tensors)
     codes = tuple(int(DTYPE_CODES[t.dtype]) for t in tensors)
     device = tensors[0].device
-    key = (ptrs, numels, codes, device, chunk_size)
-    hit = _cache.get(key)
-    if hit is not None:
-        return hit
 
-    layout = _layout(ptrs, numels, codes, chunk_size)
-    native = getattr(_C, "metadata", None)
-    if native is not None:  # the same table, built (and cached on the device) in native code
-        meta, num_chunks = native(list(tensors), chunk_size)
-        assert num_chunks == layout.num_chunks, "native metadata disagrees with MetaLayout"
-    else:
-        meta = _build_host(ptrs, numels, codes, chunk_size)
-    meta = meta.to(device)
-    _cache.put(key, (meta, layout))
+    def build():
+        _check_chunk_size(chunk_size)
+        layout = _layout(numels, codes, chunk_size)
+        native = getattr(_C, "metadata", None)
+        if native is not None:  # the same table, built and uploaded (and cached) natively
+            meta, num_chunks = native(list(tensors), chunk_size, *current_stream(device))
+            assert num_chunks == layout.num_chunks, "native metadata disagrees with MetaLayout"
+            return meta, layout, None
+        meta, pinned = upload(build_host(ptrs, numels, codes, chunk_size, layout), device)
+        return meta, layout, pinned  # the pinned source lives as long as the table
+
+    meta, layout, _ = _cache.get((ptrs, numels, codes, chunk_size), device, build)
     return meta, layout
 
 
 def clear_cache() -> None:
-    """Forget every cached table (to release their memory; correctness never needs it)."""
+    """Forget the cached tables (to release their memory; correctness never needs it).
+    Tables used by captured CUDA graphs stay."""
     _cache.clear()

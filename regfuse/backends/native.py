@@ -1,7 +1,8 @@
 """The C++ extension's kernels behind the Backend protocol; shared by ``cpu`` and ``cuda``.
 
 The extension picks the CPU kernels or the CUDA launchers from the tensors' device; on
-CUDA it runs on the current stream, whose handle is passed down from here.
+CUDA it runs on the current stream, whose handle (and whether it is capturing a CUDA
+graph, which pins the cached tables it uses) is passed down from here.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..device_cache import current_stream
 from .base import Reduction, scale_table
 
 try:
@@ -21,26 +23,24 @@ else:
     IMPORT_ERROR = None
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-
-
 def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
            acc_dtype: torch.dtype) -> Tensor:
-    return _C.reduce(tensors, int(op), weights, acc_dtype == torch.float64, _stream(tensors[0].device))
+    return _C.reduce(tensors, int(op), weights, acc_dtype == torch.float64,
+                     *current_stream(tensors[0].device))
 
 
 def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
              weights: Optional[Tensor], acc_dtype: torch.dtype,
              accumulate_into: Optional[Sequence[Tensor]] = None) -> Optional[list[Tensor]]:
     scales = scale_table(op, grad_out, norms, weights, len(tensors), acc_dtype)
-    stream = _stream(tensors[0].device)
+    stream = current_stream(tensors[0].device)
     acc_double = acc_dtype == torch.float64
     if accumulate_into is None:
-        return _C.grad(tensors, scales, acc_double, stream)
-    _C.add_grad_(accumulate_into, tensors, scales, acc_double, stream)
+        return _C.grad(tensors, scales, acc_double, *stream)
+    _C.add_grad_(accumulate_into, tensors, scales, acc_double, *stream)
     return None
 
 
 def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
-    _C.prox_l1_(tensors, thresholds, thresholds.dtype == torch.float64, _stream(tensors[0].device))
+    _C.prox_l1_(tensors, thresholds, thresholds.dtype == torch.float64,
+                *current_stream(tensors[0].device))

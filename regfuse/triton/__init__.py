@@ -88,8 +88,9 @@ def chunk_work(meta, chunk, num_tensors, num_chunks, CHUNK: tl.constexpr):
 def typed_pointer(address, ELEM: tl.constexpr, ALIGNED: tl.constexpr):
     """The int64 ``address`` as a pointer to ``ELEM``, hinted 16-byte aligned if ``ALIGNED``.
 
-    The hint is what lets full chunks use 16-byte vector loads; it is only given when the
-    host checked every address (it does not survive through an integer address).
+    The hint is what lets full chunks use 16-byte vector loads; it is only given inside a
+    branch taken when :func:`is_aligned` holds for the address (a hint does not survive
+    through an integer address).
     """
     ptr = address.to(tl.pointer_type(ELEM))
     if ALIGNED:
@@ -97,9 +98,18 @@ def typed_pointer(address, ELEM: tl.constexpr, ALIGNED: tl.constexpr):
     return ptr
 
 
+@triton.jit
+def is_aligned(address):
+    """Whether the int64 ``address`` is a multiple of 16 bytes (``kAlignment``)."""
+    return (address % 16) == 0
+
+
 # Vector loads and stores need an aligned pointer and a mask that is constant over the
-# vector; a mask against a size read from memory never is. So full chunks (all but the
-# last chunk of a tensor) go through the unmasked variant, chosen by one branch per chunk.
+# vector; a mask against a size read from memory never is. So each program picks, by one
+# branch per chunk at run time, the unmasked aligned variant for a full chunk (all but
+# the last chunk of a tensor) of an aligned tensor, else the masked element-wise one:
+# one misaligned tensor costs the vector path of its own chunks only. Chunk starts are
+# multiples of CHUNK (a multiple of 16 elements), so they keep a tensor's alignment.
 
 @triton.jit
 def load_block(ptr, offsets, numel, MASKED: tl.constexpr):

@@ -8,7 +8,8 @@ equal the reference backend's bit for bit.
 
 Two destinations, chosen at compile time (``ACCUMULATE``):
 - new gradients: one flat output buffer per dtype, tensor ``i`` at ``flat_offset[i]``
-  of its dtype's buffer; the caller gets views of those buffers shaped like the inputs;
+  of its dtype's buffer (a 16-byte aligned slot); the caller gets views of those buffers
+  shaped like the inputs;
 - in place: added to the tensor whose address is entry ``i`` of a second metadata table
   (built over the gradients), which is how ``add_penalty_grad_`` updates ``p.grad``.
 """
@@ -24,23 +25,24 @@ from torch import Tensor
 from ..backends.base import DTYPE_CODES, DTypeCode
 from ..chunks import MetaLayout, build_metadata
 from . import (CONFIG, DTYPES_BY_CODE, FLOAT16, FLOAT32, FLOAT64, acc_type, chunk_work,
-               device_guard, load_block, sign, store_block, to_element,
+               device_guard, is_aligned, load_block, sign, store_block, to_element,
                typed_pointer)
 
 
 @triton.jit
 def _destination(flat_out, out_meta, meta, tensor, num_tensors, num_chunks,
-                 ACCUMULATE: tl.constexpr, OUT_ALIGNED: tl.constexpr):
+                 ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr):
     """Where tensor ``tensor``'s gradient goes: a pointer typed like ``flat_out``.
 
-    The alignment hint on a flat offset sits on the load that defines it (see ``chunk_work``).
+    A flat slot is always 16-byte aligned (offsets padded, ``csrc/regfuse.h``; the buffer
+    itself is a fresh allocation); the hint sits on the load that defines the offset (see
+    ``chunk_work``). An address from ``out_meta`` is hinted only when ``ALIGNED``.
     """
     if ACCUMULATE:
-        out_ptr = typed_pointer(tl.load(out_meta + tensor), flat_out.dtype.element_ty, OUT_ALIGNED)
+        out_ptr = typed_pointer(tl.load(out_meta + tensor), flat_out.dtype.element_ty, ALIGNED)
     else:
         offset = tl.load(meta + 4 * num_tensors + 1 + 2 * num_chunks + tensor)  # flat_offset
-        if OUT_ALIGNED:
-            offset = tl.multiple_of(offset, 128 // flat_out.dtype.element_ty.primitive_bitwidth)
+        offset = tl.multiple_of(offset, 128 // flat_out.dtype.element_ty.primitive_bitwidth)
         out_ptr = flat_out + offset
     return out_ptr
 
@@ -58,16 +60,26 @@ def _grad_steps(x_ptr, out_ptr, start, numel, a, b, ACCUMULATE: tl.constexpr,
 
 
 @triton.jit
-def _grad_chunk(x_ptr, out_ptr, start, numel, a, b, ACCUMULATE: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """Gradient of elements ``[start, start + CHUNK)`` of the tensor at ``x_ptr``."""
-    if start + CHUNK <= numel:  # a full chunk: unmasked, vectorizable (see load_block)
-        _grad_steps(x_ptr, out_ptr, start, numel, a, b, ACCUMULATE, CHUNK, BLOCK, ACC, False)
+def _grad_chunk(address, flat_out, out_meta, meta, tensor, start, numel, a, b, num_tensors,
+                num_chunks, ELEM: tl.constexpr, ACCUMULATE: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Gradient of elements ``[start, start + CHUNK)`` of the ``ELEM`` tensor at ``address``."""
+    aligned = is_aligned(address)
+    if ACCUMULATE:
+        aligned = aligned & is_aligned(tl.load(out_meta + tensor))
+    if (start + CHUNK <= numel) & aligned:  # unmasked, 16-byte vectors (see load_block)
+        _grad_steps(typed_pointer(address, ELEM, True),
+                    _destination(flat_out, out_meta, meta, tensor, num_tensors, num_chunks,
+                                 ACCUMULATE, True),
+                    start, numel, a, b, ACCUMULATE, CHUNK, BLOCK, ACC, False)
     else:
-        _grad_steps(x_ptr, out_ptr, start, numel, a, b, ACCUMULATE, CHUNK, BLOCK, ACC, True)
+        _grad_steps(typed_pointer(address, ELEM, False),
+                    _destination(flat_out, out_meta, meta, tensor, num_tensors, num_chunks,
+                                 ACCUMULATE, False),
+                    start, numel, a, b, ACCUMULATE, CHUNK, BLOCK, ACC, True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tensors", "num_chunks"])  # one compiled kernel for every list
 def _grad_kernel(
     meta,  # int64 multi-tensor metadata of the inputs (regfuse/chunks.py)
     scales,  # (2, num_tensors) accumulation dtype: a_i (row 0) and b_i (row 1)
@@ -75,7 +87,6 @@ def _grad_kernel(
     out_f32, out_f64, out_f16, out_bf16,  # not ACCUMULATE: flat output buffer per dtype
     num_tensors, num_chunks,
     ACCUMULATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-    X_ALIGNED: tl.constexpr, OUT_ALIGNED: tl.constexpr,  # inputs' / outputs' 16-byte alignment
 ):
     chunk = tl.program_id(0)
     tensor, start, numel, code, address = chunk_work(meta, chunk, num_tensors, num_chunks, CHUNK)
@@ -84,43 +95,29 @@ def _grad_kernel(
     # A typed pointer may not outlive its branch (branches must agree on types), so each
     # branch makes its pointers and does the whole chunk.
     if code == FLOAT32:
-        _grad_chunk(typed_pointer(address, tl.float32, X_ALIGNED),
-                    _destination(out_f32, out_meta, meta, tensor, num_tensors, num_chunks,
-                                 ACCUMULATE, OUT_ALIGNED),
-                    start, numel, a, b, ACCUMULATE, CHUNK, BLOCK, ACC)
+        _grad_chunk(address, out_f32, out_meta, meta, tensor, start, numel, a, b, num_tensors,
+                    num_chunks, tl.float32, ACCUMULATE, CHUNK, BLOCK, ACC)
     elif code == FLOAT64:
-        _grad_chunk(typed_pointer(address, tl.float64, X_ALIGNED),
-                    _destination(out_f64, out_meta, meta, tensor, num_tensors, num_chunks,
-                                 ACCUMULATE, OUT_ALIGNED),
-                    start, numel, a, b, ACCUMULATE, CHUNK, BLOCK, ACC)
+        _grad_chunk(address, out_f64, out_meta, meta, tensor, start, numel, a, b, num_tensors,
+                    num_chunks, tl.float64, ACCUMULATE, CHUNK, BLOCK, ACC)
     elif code == FLOAT16:
-        _grad_chunk(typed_pointer(address, tl.float16, X_ALIGNED),
-                    _destination(out_f16, out_meta, meta, tensor, num_tensors, num_chunks,
-                                 ACCUMULATE, OUT_ALIGNED),
-                    start, numel, a, b, ACCUMULATE, CHUNK, BLOCK, ACC)
+        _grad_chunk(address, out_f16, out_meta, meta, tensor, start, numel, a, b, num_tensors,
+                    num_chunks, tl.float16, ACCUMULATE, CHUNK, BLOCK, ACC)
     else:
-        _grad_chunk(typed_pointer(address, tl.bfloat16, X_ALIGNED),
-                    _destination(out_bf16, out_meta, meta, tensor, num_tensors, num_chunks,
-                                 ACCUMULATE, OUT_ALIGNED),
-                    start, numel, a, b, ACCUMULATE, CHUNK, BLOCK, ACC)
+        _grad_chunk(address, out_bf16, out_meta, meta, tensor, start, numel, a, b, num_tensors,
+                    num_chunks, tl.bfloat16, ACCUMULATE, CHUNK, BLOCK, ACC)
 
 
 def _flat_buffers(layout: MetaLayout, device: torch.device) -> list[Tensor]:
-    """One output buffer per dtype code, sized for that dtype's tensors (empty if none)."""
-    return [torch.empty(layout.dtype_numels[code], dtype=DTYPES_BY_CODE[code], device=device)
+    """One output buffer per dtype code, sized for that dtype's slots (empty if none)."""
+    return [torch.empty(layout.flat_sizes[code], dtype=DTYPES_BY_CODE[code], device=device)
             for code in DTypeCode]
 
 
-def _views(tensors: Sequence[Tensor], buffers: list[Tensor]) -> list[Tensor]:
-    """Tensor ``i``'s slice of its dtype's buffer, packed in list order as ``flat_offset`` is."""
-    next_offset = [0] * len(buffers)
-    views = []
-    for t in tensors:
-        code = DTYPE_CODES[t.dtype]
-        begin = next_offset[code]
-        next_offset[code] = begin + t.numel()
-        views.append(buffers[code][begin:next_offset[code]].view(t.shape))
-    return views
+def _views(tensors: Sequence[Tensor], buffers: list[Tensor], layout: MetaLayout) -> list[Tensor]:
+    """Tensor ``i``'s slot of its dtype's buffer, at the table's ``flat_offset[i]``."""
+    return [buffers[DTYPE_CODES[t.dtype]][offset:offset + t.numel()].view(t.shape)
+            for t, offset in zip(tensors, layout.flat_offsets)]
 
 
 def penalty_grad(tensors: Sequence[Tensor], scales: Tensor, acc_dtype: torch.dtype,
@@ -135,18 +132,15 @@ def penalty_grad(tensors: Sequence[Tensor], scales: Tensor, acc_dtype: torch.dty
     meta, layout = build_metadata(tensors, CONFIG.chunk_size)
     accumulate = accumulate_into is not None
     if accumulate:
-        out_meta, out_layout = build_metadata(accumulate_into, CONFIG.chunk_size)
-        out_aligned = out_layout.ptrs_aligned
+        out_meta, _ = build_metadata(accumulate_into, CONFIG.chunk_size)
         buffers = [torch.empty(0, dtype=DTYPES_BY_CODE[code], device=device) for code in DTypeCode]
     else:
         out_meta = meta  # unused by the kernel in this mode
-        out_aligned = layout.flat_aligned  # fresh buffers are aligned; their offsets may not be
         buffers = _flat_buffers(layout, device)
     if layout.num_chunks:
         with device_guard(device):
             _grad_kernel[(layout.num_chunks,)](
                 meta, scales, out_meta, *buffers, layout.num_tensors, layout.num_chunks,
                 ACCUMULATE=accumulate, CHUNK=CONFIG.chunk_size, BLOCK=CONFIG.block,
-                ACC=acc_type(acc_dtype), X_ALIGNED=layout.ptrs_aligned, OUT_ALIGNED=out_aligned,
-                num_warps=CONFIG.num_warps, enable_fp_fusion=False)
-    return None if accumulate else _views(tensors, buffers)
+                ACC=acc_type(acc_dtype), num_warps=CONFIG.num_warps, enable_fp_fusion=False)
+    return None if accumulate else _views(tensors, buffers, layout)

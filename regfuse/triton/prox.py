@@ -14,8 +14,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..chunks import build_metadata
-from . import (CONFIG, FLOAT16, FLOAT32, FLOAT64, acc_type, chunk_work, device_guard, load_block,
-               sign, store_block, to_element, typed_pointer)
+from . import (CONFIG, FLOAT16, FLOAT32, FLOAT64, acc_type, chunk_work, device_guard, is_aligned,
+               load_block, sign, store_block, to_element, typed_pointer)
 
 
 @triton.jit
@@ -29,34 +29,33 @@ def _prox_steps(x_ptr, start, numel, threshold, CHUNK: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
-def _prox_chunk(x_ptr, start, numel, threshold, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                ACC: tl.constexpr):
-    """Soft-threshold elements ``[start, start + CHUNK)`` of the tensor at ``x_ptr``."""
-    if start + CHUNK <= numel:  # a full chunk: unmasked, vectorizable (see load_block)
-        _prox_steps(x_ptr, start, numel, threshold, CHUNK, BLOCK, ACC, False)
+def _prox_chunk(address, start, numel, threshold, ELEM: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Soft-threshold elements ``[start, start + CHUNK)`` of the ``ELEM`` tensor at ``address``."""
+    if (start + CHUNK <= numel) & is_aligned(address):  # unmasked, 16-byte vectors (see load_block)
+        _prox_steps(typed_pointer(address, ELEM, True), start, numel, threshold, CHUNK, BLOCK, ACC, False)
     else:
-        _prox_steps(x_ptr, start, numel, threshold, CHUNK, BLOCK, ACC, True)
+        _prox_steps(typed_pointer(address, ELEM, False), start, numel, threshold, CHUNK, BLOCK, ACC, True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tensors", "num_chunks"])  # one compiled kernel for every list
 def _prox_kernel(
     meta,  # int64 multi-tensor metadata (regfuse/chunks.py); the tensors are updated in place
     thresholds,  # (num_tensors,) accumulation dtype
     num_tensors, num_chunks,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-    ALIGNED: tl.constexpr,  # every data pointer is 16-byte aligned
 ):
     chunk = tl.program_id(0)
     tensor, start, numel, code, address = chunk_work(meta, chunk, num_tensors, num_chunks, CHUNK)
     threshold = tl.load(thresholds + tensor)
     if code == FLOAT32:
-        _prox_chunk(typed_pointer(address, tl.float32, ALIGNED), start, numel, threshold, CHUNK, BLOCK, ACC)
+        _prox_chunk(address, start, numel, threshold, tl.float32, CHUNK, BLOCK, ACC)
     elif code == FLOAT64:
-        _prox_chunk(typed_pointer(address, tl.float64, ALIGNED), start, numel, threshold, CHUNK, BLOCK, ACC)
+        _prox_chunk(address, start, numel, threshold, tl.float64, CHUNK, BLOCK, ACC)
     elif code == FLOAT16:
-        _prox_chunk(typed_pointer(address, tl.float16, ALIGNED), start, numel, threshold, CHUNK, BLOCK, ACC)
+        _prox_chunk(address, start, numel, threshold, tl.float16, CHUNK, BLOCK, ACC)
     else:
-        _prox_chunk(typed_pointer(address, tl.bfloat16, ALIGNED), start, numel, threshold, CHUNK, BLOCK, ACC)
+        _prox_chunk(address, start, numel, threshold, tl.bfloat16, CHUNK, BLOCK, ACC)
 
 
 def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
@@ -72,4 +71,4 @@ def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
         _prox_kernel[(layout.num_chunks,)](
             meta, thresholds.contiguous(), layout.num_tensors, layout.num_chunks,
             CHUNK=CONFIG.chunk_size, BLOCK=CONFIG.block, ACC=acc_type(thresholds.dtype),
-            ALIGNED=layout.ptrs_aligned, num_warps=CONFIG.num_warps, enable_fp_fusion=False)
+            num_warps=CONFIG.num_warps, enable_fp_fusion=False)

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..backends.base import Reduction
 from ..chunks import build_metadata
 from . import (CONFIG, FLOAT16, FLOAT32, FLOAT64, OP_INF, OP_L1, OP_L2, OP_PENALTY, acc_type,
-               chunk_work, device_guard, load_block, typed_pointer)
+               chunk_work, device_guard, is_aligned, load_block, typed_pointer)
 
 
 @triton.jit
@@ -79,44 +79,43 @@ def _partials_steps(x_ptr, start, numel, OP: tl.constexpr, CHUNK: tl.constexpr,
 
 
 @triton.jit
-def _chunk_partials(x_ptr, start, numel, OP: tl.constexpr, CHUNK: tl.constexpr,
-                    BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """The partial(s) of elements ``[start, start + CHUNK)`` of the tensor at ``x_ptr``."""
-    if start + CHUNK <= numel:  # a full chunk: unmasked, vectorizable (see load_block)
-        first, second = _partials_steps(x_ptr, start, numel, OP, CHUNK, BLOCK, ACC, False)
+def _chunk_partials(address, start, numel, ELEM: tl.constexpr, OP: tl.constexpr,
+                    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """The partial(s) of elements ``[start, start + CHUNK)`` of the ``ELEM`` tensor at ``address``."""
+    if (start + CHUNK <= numel) & is_aligned(address):  # unmasked, 16-byte vectors (see load_block)
+        first, second = _partials_steps(typed_pointer(address, ELEM, True), start, numel, OP, CHUNK,
+                                        BLOCK, ACC, False)
     else:
-        first, second = _partials_steps(x_ptr, start, numel, OP, CHUNK, BLOCK, ACC, True)
+        first, second = _partials_steps(typed_pointer(address, ELEM, False), start, numel, OP, CHUNK,
+                                        BLOCK, ACC, True)
     return first, second
 
 
-@triton.jit
+# Runtime integers are not specialized (Triton would compile a variant for 1 and for
+# multiples of 16): one compiled kernel serves every list.
+@triton.jit(do_not_specialize=["num_tensors", "num_chunks"])
 def _partials_kernel(
     meta,  # int64 multi-tensor metadata (regfuse/chunks.py)
     partials,  # (num_parts, num_chunks) accumulation dtype: the output of this stage
     num_tensors, num_chunks,
     OP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-    ALIGNED: tl.constexpr,  # every data pointer is 16-byte aligned
 ):
     chunk = tl.program_id(0)
     tensor, start, numel, code, address = chunk_work(meta, chunk, num_tensors, num_chunks, CHUNK)
     if code == FLOAT32:
-        first, second = _chunk_partials(typed_pointer(address, tl.float32, ALIGNED), start, numel,
-                                        OP, CHUNK, BLOCK, ACC)
+        first, second = _chunk_partials(address, start, numel, tl.float32, OP, CHUNK, BLOCK, ACC)
     elif code == FLOAT64:
-        first, second = _chunk_partials(typed_pointer(address, tl.float64, ALIGNED), start, numel,
-                                        OP, CHUNK, BLOCK, ACC)
+        first, second = _chunk_partials(address, start, numel, tl.float64, OP, CHUNK, BLOCK, ACC)
     elif code == FLOAT16:
-        first, second = _chunk_partials(typed_pointer(address, tl.float16, ALIGNED), start, numel,
-                                        OP, CHUNK, BLOCK, ACC)
+        first, second = _chunk_partials(address, start, numel, tl.float16, OP, CHUNK, BLOCK, ACC)
     else:
-        first, second = _chunk_partials(typed_pointer(address, tl.bfloat16, ALIGNED), start, numel,
-                                        OP, CHUNK, BLOCK, ACC)
+        first, second = _chunk_partials(address, start, numel, tl.bfloat16, OP, CHUNK, BLOCK, ACC)
     tl.store(partials + chunk, first)
     if OP == OP_PENALTY:
         tl.store(partials + num_chunks + chunk, second)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tensors", "num_chunks"])
 def _combine_kernel(
     meta,  # int64 multi-tensor metadata: chunk_offsets says which partials are whose
     partials,  # (num_parts, num_chunks) from _partials_kernel
@@ -169,8 +168,7 @@ def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
         if num_chunks:  # a list of empty tensors has nothing to read
             _partials_kernel[(num_chunks,)](meta, partials, n, num_chunks, OP=op,
                                             CHUNK=CONFIG.chunk_size, BLOCK=CONFIG.block, ACC=acc,
-                                            ALIGNED=layout.ptrs_aligned, num_warps=CONFIG.num_warps,
-                                            enable_fp_fusion=True)
+                                            num_warps=CONFIG.num_warps, enable_fp_fusion=True)
         _combine_kernel[(n,)](meta, partials, weights_arg, out, n, num_chunks, OP=op,
                               BLOCK=CONFIG.combine_block, ACC=acc, num_warps=CONFIG.num_warps,
                               enable_fp_fusion=True)
