@@ -23,7 +23,7 @@ from torch import Tensor
 from . import backends
 from .backends import reference
 from .backends.base import Reduction
-from .validation import ListInfo, inspect, inspect_py
+from .validation import (ListInfo, check_gradients, check_per_tensor, inspect, inspect_py)
 
 
 def _contiguous(tensors: Sequence[Tensor], info: ListInfo) -> list[Tensor]:
@@ -37,9 +37,63 @@ def _write_back(originals: Sequence[Tensor], work: Sequence[Tensor]) -> None:
             original.copy_(updated)
 
 
+# The run_* functions take ``info`` (the list's summary) from regfuse.api, which has
+# checked the whole call; without it (the custom ops, called by anyone) every argument is
+# checked first by the _check_* functions, which the fake implementations share, so that
+# a backend never indexes a table of the wrong size, dtype or device (the C++ binding
+# checks what it reads again).
+
+def _reduction(op: int) -> Reduction:
+    try:
+        return Reduction(op)
+    except ValueError:
+        raise ValueError(f"regfuse: unknown reduction {op!r}; expected one of "
+                         f"{[int(r) for r in Reduction]}") from None
+
+
+def _check_reduce(tensors: Sequence[Tensor], op: int, weights: Optional[Tensor],
+                  info: ListInfo) -> Reduction:
+    op = _reduction(op)
+    if op == Reduction.PENALTY:
+        check_per_tensor("weights", weights, (2, len(tensors)), info)
+    elif weights is not None:
+        raise ValueError(f"regfuse: weights are only taken by the PENALTY reduction, not {op.name}")
+    return op
+
+
+def _check_reduce_backward(tensors: Sequence[Tensor], op: int, grad_out: Tensor,
+                           norms: Optional[Tensor], weights: Optional[Tensor], info: ListInfo) -> Reduction:
+    op = _check_reduce(tensors, op, weights, info)
+    n = len(tensors)
+    if op == Reduction.INF:
+        raise ValueError("regfuse: the INF reduction has no fused backward")
+    shape = () if op == Reduction.PENALTY else (n,)
+    if (not isinstance(grad_out, Tensor) or tuple(grad_out.shape) != shape
+            or grad_out.device != info.device or not grad_out.is_floating_point()):
+        got = (f"{tuple(grad_out.shape)} {grad_out.dtype} on {grad_out.device}"
+               if isinstance(grad_out, Tensor) else type(grad_out).__name__)
+        raise ValueError(f"regfuse: grad_out must be a floating-point {shape} tensor on "
+                         f"{info.device}, got {got}")
+    if op == Reduction.L2:
+        check_per_tensor("norms", norms, (n,), info)
+    return op
+
+
+def _check_add_grad(grads: Sequence[Tensor], params: Sequence[Tensor], weights: Tensor,
+                    info: ListInfo, native: bool = True) -> None:
+    check_per_tensor("weights", weights, (2, len(params)), info)
+    check_gradients(grads, params, native)
+
+
+def _check_prox(params: Sequence[Tensor], thresholds: Tensor, info: ListInfo) -> None:
+    check_per_tensor("thresholds", thresholds, (len(params),), info)
+
+
 def run_reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor], backend: str,
                info: Optional[ListInfo] = None) -> Tensor:
-    info = info or inspect(tensors)
+    if info is None:
+        info = inspect(tensors)
+        op = _check_reduce(tensors, op, weights, info)
     impl = backends.resolve(backend, info.device)
     return impl.reduce(_contiguous(tensors, info), op, weights, info.acc_dtype)
 
@@ -47,6 +101,7 @@ def run_reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tenso
 def run_reduce_backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor,
                         norms: Optional[Tensor], weights: Optional[Tensor], backend: str) -> list[Tensor]:
     info = inspect(tensors)
+    op = _check_reduce_backward(tensors, op, grad_out, norms, weights, info)
     impl = backends.resolve(backend, info.device)
     grads = impl.backward(_contiguous(tensors, info), op, grad_out.to(info.acc_dtype), norms,
                           weights, info.acc_dtype)
@@ -56,7 +111,9 @@ def run_reduce_backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tens
 def run_add_grad_(grads: Sequence[Tensor], params: Sequence[Tensor], weights: Tensor, backend: str,
                   info: Optional[ListInfo] = None) -> None:
     """``grads[i] += weights[0, i] * sign(p_i) + 2 * weights[1, i] * p_i``, fused."""
-    info = info or inspect(params)
+    if info is None:
+        info = inspect(params)
+        _check_add_grad(grads, params, weights, info)
     impl = backends.resolve(backend, info.device)
     work = [g if g.is_contiguous() else g.contiguous() for g in grads]
     with torch.no_grad():
@@ -67,7 +124,9 @@ def run_add_grad_(grads: Sequence[Tensor], params: Sequence[Tensor], weights: Te
 
 def run_prox_l1_(params: Sequence[Tensor], thresholds: Tensor, backend: str,
                  info: Optional[ListInfo] = None) -> None:
-    info = info or inspect(params)
+    if info is None:
+        info = inspect(params)
+        _check_prox(params, thresholds, info)
     impl = backends.resolve(backend, info.device)
     work = _contiguous(params, info)
     with torch.no_grad():
@@ -79,12 +138,13 @@ def run_prox_l1_(params: Sequence[Tensor], thresholds: Tensor, backend: str,
 
 @torch.library.custom_op("regfuse::reduce", mutates_args=())
 def reduce(tensors: list[Tensor], op: int, weights: Optional[Tensor], backend: str) -> Tensor:
-    return run_reduce(tensors, Reduction(op), weights, backend)
+    return run_reduce(tensors, _reduction(op), weights, backend)
 
 
 @reduce.register_fake
 def _(tensors, op, weights, backend):
     info = inspect_py(tensors)
+    _check_reduce(tensors, op, weights, info)
     shape = () if op == Reduction.PENALTY else (len(tensors),)
     return tensors[0].new_empty(shape, dtype=info.acc_dtype)
 
@@ -92,7 +152,7 @@ def _(tensors, op, weights, backend):
 @torch.library.custom_op("regfuse::reduce_backward", mutates_args=())
 def reduce_backward(tensors: list[Tensor], op: int, grad_out: Tensor, norms: Optional[Tensor],
                     weights: Optional[Tensor], backend: str) -> list[Tensor]:
-    grads = run_reduce_backward(tensors, Reduction(op), grad_out, norms, weights, backend)
+    grads = run_reduce_backward(tensors, _reduction(op), grad_out, norms, weights, backend)
     # Custom-op outputs may not share storage, and the fused kernels return views of one
     # flat buffer: copy them. Only traced graphs pay this; the eager autograd path below
     # calls the backend directly and keeps the single buffer.
@@ -101,6 +161,7 @@ def reduce_backward(tensors: list[Tensor], op: int, grad_out: Tensor, norms: Opt
 
 @reduce_backward.register_fake
 def _(tensors, op, grad_out, norms, weights, backend):
+    _check_reduce_backward(tensors, op, grad_out, norms, weights, inspect_py(tensors))
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
 
 
@@ -171,6 +232,7 @@ def add_grad_(grads: list[Tensor], params: list[Tensor], weights: Tensor, backen
 
 @add_grad_.register_fake
 def _(grads, params, weights, backend):
+    _check_add_grad(grads, params, weights, inspect_py(params), native=False)
     return None
 
 
@@ -181,4 +243,5 @@ def prox_l1_(params: list[Tensor], thresholds: Tensor, backend: str) -> None:
 
 @prox_l1_.register_fake
 def _(params, thresholds, backend):
+    _check_prox(params, thresholds, inspect_py(params))
     return None

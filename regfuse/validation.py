@@ -27,8 +27,14 @@ class ListInfo(NamedTuple):
     contiguous: bool  # every tensor is contiguous
 
 
+def _check_not_empty(tensors: list) -> None:
+    if len(tensors) == 0:
+        raise ValueError("regfuse: the tensor list is empty; the ops need at least one tensor")
+
+
 def inspect_py(tensors: list) -> ListInfo:
-    """Reference implementation of ``_C.inspect`` (``tensors`` must be non-empty)."""
+    """Reference implementation of ``_C.inspect``."""
+    _check_not_empty(tensors)
     device = None
     acc_dtype = torch.float32
     requires_grad = False
@@ -57,6 +63,7 @@ def inspect_py(tensors: list) -> ListInfo:
 
 def inspect(tensors: list) -> ListInfo:
     """Check a non-empty tensor list and summarize it (native pass where built)."""
+    _check_not_empty(tensors)
     if _C is None or torch.compiler.is_compiling():  # the compiler traces the Python pass
         return inspect_py(tensors)
     summary = _C.inspect(tensors)
@@ -105,3 +112,42 @@ def check_distinct(tensors: list) -> None:
         i, j = overlap
         raise ValueError(f"regfuse: tensors {i} and {j} share memory; an in-place update needs "
                          "distinct tensors")
+
+
+# ---- arguments of the custom ops -------------------------------------------------------
+# regfuse.api builds these itself; torch.ops.regfuse.* can be called with anything, and
+# the kernels index them by tensor (the C++ binding checks them again where it takes
+# their raw pointers).
+
+def check_per_tensor(name: str, table, shape: tuple, info: ListInfo) -> None:
+    """A tensor of per-tensor numbers (weights, scales, thresholds, norms): exactly
+    ``shape``, dense, in the list's accumulation dtype, on the list's device."""
+    if table is None:
+        raise ValueError(f"regfuse: {name} are required: a {shape} {info.acc_dtype} tensor")
+    if not isinstance(table, Tensor):
+        raise TypeError(f"regfuse: {name} must be a tensor, got {type(table).__name__}")
+    if (tuple(table.shape) != shape or table.dtype != info.acc_dtype or table.device != info.device
+            or table.layout != torch.strided):
+        raise ValueError(
+            f"regfuse: {name} must be a dense {shape} {info.acc_dtype} tensor on {info.device} "
+            f"(the list's accumulation dtype and device), got {tuple(table.shape)} {table.dtype} "
+            f"{table.layout} on {table.device}")
+
+
+def check_gradients(grads: list, params: list, native: bool = True) -> None:
+    """Gradients an op writes into: one per tensor, each dense and shaped, typed and placed
+    like its tensor (a native pass where built, unless ``native=False``: fake tensors with
+    symbolic shapes have no native sizes)."""
+    if native and _C is not None:
+        _C.check_gradients(list(grads), list(params))
+        return
+    if len(grads) != len(params):
+        raise ValueError(f"regfuse: {len(grads)} gradients for {len(params)} tensors; "
+                         "one gradient per tensor")
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if not isinstance(g, Tensor) or g.layout != torch.strided:
+            raise TypeError(f"regfuse: gradient {i} must be a dense tensor, got {type(g).__name__}")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(
+                f"regfuse: gradient {i} ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match "
+                f"its tensor ({tuple(p.shape)}, {p.dtype}, {p.device})")
