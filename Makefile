@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
 BENCH_ARGS ?=
 
-.PHONY: all setup build test test-python cuda-check bench clean
+.PHONY: all setup build test test-python cuda-check triton-check bench clean
 
 all: test
 
@@ -26,7 +26,7 @@ build: $(VENV)/.built
 
 # The whole suite; Triton kernels run through the interpreter where there is no GPU
 # (tests/conftest.py sets TRITON_INTERPRET=1 then).
-test: build cuda-check
+test: build cuda-check triton-check
 	$(PY) -m pytest tests -q
 
 test-python: build
@@ -36,6 +36,10 @@ test-python: build
 cuda-check:
 	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(PY) bash scripts/check_cuda.sh; \
 	else echo "cuda-check: nvcc not found, skipped"; fi
+
+# The Triton kernels too, for sm_80/sm_90 through Triton's compiler (no GPU needed).
+triton-check: build
+	env -u TRITON_INTERPRET $(PY) scripts/check_triton_aot.py
 
 bench: build
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
