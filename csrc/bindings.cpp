@@ -34,6 +34,14 @@ int64_t dtype_code(at::ScalarType type) {
   }
 }
 
+// Whether the kernels may read the tensor through its data pointer. A tensor subclass with
+// __torch_dispatch__ (DTensor, FakeTensor, wrapper subclasses in general) has no storage of
+// its own to read, or one whose meaning only its Python code knows; a nested tensor has no
+// flat data either. The Python checks name the type in their error.
+bool readable(const at::Tensor& t) {
+  return !t.key_set().has(c10::DispatchKey::Python) && !t.is_nested() && t.has_storage();
+}
+
 // One native pass over the Python list: (acc_double, requires_grad, contiguous), or None
 // when anything is wrong, in which case the Python specification
 // (regfuse.validation.inspect_py) runs to raise the precise error.
@@ -46,6 +54,7 @@ py::object inspect(py::handle list) {
     PyObject* item = PyList_GET_ITEM(list.ptr(), i);
     if (!THPVariable_Check(item)) return py::none();
     const at::Tensor& t = THPVariable_Unpack(item);
+    if (!readable(t)) return py::none();
     const int64_t code = dtype_code(t.scalar_type());
     if (code < 0 || t.layout() != at::kStrided) return py::none();
     if (!device) {
@@ -71,7 +80,7 @@ bool grads_ready(py::handle list) {
     if (!THPVariable_Check(item)) return false;
     const at::Tensor& t = THPVariable_Unpack(item);
     const at::Tensor& g = t.grad();
-    if (!g.defined() || g.layout() != at::kStrided || !g.is_contiguous() ||
+    if (!readable(t) || !g.defined() || !readable(g) || g.layout() != at::kStrided || !g.is_contiguous() ||
         g.scalar_type() != t.scalar_type() || g.device() != t.device() || g.sizes() != t.sizes()) {
       return false;
     }

@@ -14,7 +14,8 @@ from torch import Tensor
 from . import backends, ops
 from .backends.base import Reduction
 from .device_cache import DeviceCache, upload
-from .validation import _C, ListInfo, as_list, check_distinct, check_nonnegative, inspect
+from .distributed import SUM, dtensor_aware, norm_combination
+from .validation import _C, ListInfo, as_list, check_distinct, check_nonnegative, check_readable, inspect
 
 TensorList = Union[Iterable[Tensor], Sequence[Tensor]]
 Coefficients = Optional[Union[Sequence[float], Tensor]]
@@ -129,6 +130,7 @@ def _weights(values: tuple, coefficients: Coefficients, n: int, info: ListInfo) 
     return _weight_cache.get(key, device, build)[0]
 
 
+@dtensor_aware(reduce=lambda args: norm_combination(args["p"], args["squared"]), per_tensor=True)
 def norms(tensors: TensorList, p: float = 2, *, squared: bool = False, backend: str = "auto") -> Tensor:
     """Per-tensor norms of a list of tensors in one fused pass.
 
@@ -156,6 +158,7 @@ def norms(tensors: TensorList, p: float = 2, *, squared: bool = False, backend: 
     return ops.run_reduce(tensors, op, None, backend, info)
 
 
+@dtensor_aware(reduce=SUM)
 def penalty(tensors: TensorList, l1: float = 0.0, l2: float = 0.0, *,
             coefficients: Coefficients = None, backend: str = "auto") -> Tensor:
     """``sum_i c_i * (l1 * ||t_i||_1 + l2 * ||t_i||_2**2)`` reading every element once.
@@ -186,6 +189,7 @@ def _check_grads(params: list[Tensor]) -> list[Optional[Tensor]]:
     for i, (p, g) in enumerate(zip(params, grads)):
         if g is None:
             continue
+        check_readable(g, f"the gradient of parameter {i}")
         if g.is_sparse:
             raise TypeError(f"regfuse: parameter {i} has a sparse gradient; dense gradients only")
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
@@ -222,6 +226,7 @@ def _run_in_place(custom_op, run, modified: Sequence[Tensor], args: tuple, info:
             torch.autograd.graph.increment_version(t)
 
 
+@dtensor_aware(in_place="grads")
 def add_penalty_grad_(params: TensorList, l1: float = 0.0, l2: float = 0.0, *,
                       coefficients: Coefficients = None, backend: str = "auto") -> None:
     """In place: ``p.grad += c_i * (l1 * sign(p) + 2 * l2 * p)`` for every parameter.
@@ -247,6 +252,7 @@ def add_penalty_grad_(params: TensorList, l1: float = 0.0, l2: float = 0.0, *,
     _run_in_place(ops.add_grad_, ops.run_add_grad_, grads, (grads, params, weights, backend), info)
 
 
+@dtensor_aware(in_place="values")
 def prox_l1_(params: TensorList, threshold: float, *, coefficients: Coefficients = None,
              backend: str = "auto") -> None:
     """In place soft-thresholding ``p = sign(p) * max(|p| - c_i * threshold, 0)``.

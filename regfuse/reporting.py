@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import norms
+from .distributed import SUM, dtensor_aware, replicated_value
 
 __all__ = ["TensorStats", "SparsityReport", "sparsity_report"]
 
@@ -88,6 +89,12 @@ def _named(tensors: NamedTensors) -> list[tuple[str, Tensor]]:
     return named
 
 
+@dtensor_aware(reduce=SUM, per_tensor=True)
+def _nonzeros(tensors: list[Tensor]) -> Tensor:
+    """Per-tensor count of nonzero elements (of the local shards, for DTensors)."""
+    return torch.stack([torch.count_nonzero(t) for t in tensors])
+
+
 @torch.no_grad()
 def sparsity_report(tensors: NamedTensors, *, backend: str = "auto") -> SparsityReport:
     """Fraction of exact zeros and L1/L2 norms of every named tensor.
@@ -96,7 +103,8 @@ def sparsity_report(tensors: NamedTensors, *, backend: str = "auto") -> Sparsity
         tensors: a module (all of its ``named_parameters()``), a mapping name -> tensor,
             or an iterable of ``(name, tensor)`` pairs such as
             ``(kv for kv in model.named_parameters() if kv[1].dim() > 1)``. Captured
-            activations work as well as parameters.
+            activations work as well as parameters, and so do DTensors (FSDP2): the
+            numbers are then those of the whole tensors, the same on every rank.
         backend: for the norms, as for ``regfuse.norms``.
 
     Returns:
@@ -114,9 +122,11 @@ def sparsity_report(tensors: NamedTensors, *, backend: str = "auto") -> Sparsity
     if not named:
         return SparsityReport([])
     values = [t.detach() for _, t in named]
-    l1 = norms(values, p=1, backend=backend)
-    l2 = norms(values, p=2, backend=backend)
-    nonzeros = torch.stack([torch.count_nonzero(t) for t in values])
+    # For DTensors (FSDP2) each is a partial result over the local shards: replicated_value
+    # reduces it (one small all-reduce each), so every rank reports the global numbers.
+    l1 = replicated_value(norms(values, p=1, backend=backend))
+    l2 = replicated_value(norms(values, p=2, backend=backend))
+    nonzeros = replicated_value(_nonzeros(values))
     # float64 holds counts exactly up to 2**53: one copy to the host for everything.
     l1, l2, nonzeros = torch.stack([l1.double(), l2.double(), nonzeros.double()]).tolist()
     return SparsityReport([TensorStats(name, t.numel(), t.numel() - int(nz), a, b)

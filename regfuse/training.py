@@ -24,6 +24,7 @@ from torch.autograd import Variable
 
 from . import backends
 from .api import add_penalty_grad_, penalty
+from .distributed import is_dtensor
 from .validation import as_list, check_nonnegative
 
 __all__ = ["ActivationRegularizer", "WeightRegularizer", "gradient_penalty", "select_weights",
@@ -278,6 +279,14 @@ class WeightRegularizer:
             if not (p.requires_grad and p.is_leaf):
                 raise ValueError(f"regfuse: attach() needs leaf tensors that require grad; "
                                  f"parameter {i} is not one")
+            if getattr(p, "_fsdp_flattened", False):
+                # FSDP (v1) accumulates into its flat parameters: these hooks would never fire.
+                raise TypeError(f"regfuse: attach() cannot follow FullyShardedDataParallel (FSDP1) "
+                                f"parameters (parameter {i} is flattened by it); use FSDP2 "
+                                "(torch.distributed.fsdp.fully_shard), or penalty() in the loss")
+        if len({is_dtensor(p) for p in self.params}) > 1:
+            raise TypeError("regfuse: attach() got DTensor and plain parameters mixed (a model "
+                            "only partly under fully_shard); attach one WeightRegularizer per kind")
         handles = [p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
                    for p in self.params]
         self._attached = _GradientHookHandle(self, handles)
@@ -291,8 +300,17 @@ class WeightRegularizer:
             pending = self._pending.get(backward_id)
             if pending is None:
                 pending = self._pending[backward_id] = []
-                Variable._execution_engine.queue_callback(lambda: self._flush(backward_id))
+                Variable._execution_engine.queue_callback(lambda: self._flush_after_engines(backward_id))
             pending.append(param)
+
+    def _flush_after_engines(self, backward_id: int) -> None:
+        # The engine runs the callbacks of a backward in the order they were queued, and a
+        # callback queued by a callback after all of them. DDP (whose finalization waits for
+        # the all-reduce and copies the averaged buckets into .grad) and FSDP2 (whose root
+        # callback waits for the reduce-scatter) queue theirs during the backward, so
+        # requeueing once puts the fused update after every gradient is final: it is added
+        # once, to the averaged gradient, never while a collective still writes it.
+        Variable._execution_engine.queue_callback(lambda: self._flush(backward_id))
 
     def _flush(self, backward_id: int) -> None:
         with self._lock:

@@ -42,6 +42,7 @@ def inspect_py(tensors: list) -> ListInfo:
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor):
             raise TypeError(f"regfuse: element {i} is a {type(t).__name__}, not a torch.Tensor")
+        check_readable(t, f"tensor {i}")
         if t.layout != torch.strided:
             raise TypeError(f"regfuse: tensor {i} has layout {t.layout}; dense (strided) tensors only")
         if t.dtype not in SUPPORTED_DTYPES:
@@ -59,6 +60,34 @@ def inspect_py(tensors: list) -> ListInfo:
         requires_grad = requires_grad or t.requires_grad
         contiguous = contiguous and t.is_contiguous()
     return ListInfo(device, acc_dtype, requires_grad, contiguous)
+
+
+def _traced(t: Tensor) -> bool:
+    """A tensor of the compiler's tracing (fake or functional): only shapes, no kernel runs."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    return isinstance(t, (FakeTensor, FunctionalTensor))
+
+
+def check_readable(t: Tensor, what: str) -> None:
+    """Refuse a tensor whose data the kernels cannot read through its pointer.
+
+    A subclass with ``__torch_dispatch__`` (a wrapper subclass such as DTensor outside a
+    DTensor list, or any subclass that decides in Python what its storage means) and a
+    nested tensor would hand a kernel a null or foreign pointer. ``nn.Parameter`` and
+    plain subclasses (``__torch_function__`` only) are ordinary tensors and pass. The
+    same test runs natively in ``_C.inspect``, which then hands over to this pass.
+    """
+    if t.is_nested:
+        raise TypeError(f"regfuse: {what} is a nested tensor; dense (strided) tensors only")
+    if torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python) and not _traced(t):
+        kind = type(t)
+        if kind.__name__ == "DTensor":
+            reason = "a DTensor in a list whose first tensor is not one; a list must be all DTensors or none"
+        else:
+            reason = ("a tensor subclass whose data regfuse's kernels cannot read; plain tensors, "
+                      "nn.Parameter and lists of DTensors are supported")
+        raise TypeError(f"regfuse: {what} is a {kind.__module__}.{kind.__qualname__}, {reason}")
 
 
 def inspect(tensors: list) -> ListInfo:

@@ -8,9 +8,11 @@ from typing import Callable, NamedTuple, Optional
 
 import pytest
 import torch
+from torch import nn
 
 import regfuse
 from regfuse import backends
+from torch.testing._internal.two_tensor import TwoTensor
 
 L1, L2, THRESHOLD = 0.5, 0.25, 0.1
 
@@ -43,7 +45,8 @@ class Snapshot(NamedTuple):
 
     @classmethod
     def of(cls, tensors) -> "Snapshot":
-        tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+        tensors = [t for t in tensors
+                   if isinstance(t, torch.Tensor) and t.device.type != "meta" and not t.is_nested]
         return cls([t.detach().to_dense().clone() for t in tensors],
                    [None if t.grad is None else t.grad.to_dense().clone() for t in tensors],
                    [t._version for t in tensors])
@@ -78,6 +81,13 @@ BAD_ELEMENTS = {
     "not a tensor": (lambda d: 1.5, TypeError, "not a torch.Tensor"),
     "other device": (lambda d: torch.ones(2, device=_other_device()), ValueError, "one device"),
     "sparse tensor": (lambda d: torch.ones(2, 2, device=d).to_sparse(), TypeError, "layout"),
+    # No storage of their own (data_ptr() is 0) or none the kernels can interpret.
+    "wrapper subclass": (lambda d: TwoTensor(torch.ones(3, device=d), torch.ones(3, device=d)),
+                         TypeError, "TwoTensor"),
+    "nested tensor": (lambda d: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], device=d,
+                                                           layout=torch.jagged), TypeError, "nested"),
+    "strided nested tensor": (lambda d: torch.nested.as_nested_tensor(
+        [torch.ones(2, device=d), torch.ones(3, device=d)], layout=torch.strided), TypeError, "nested"),
 }
 
 
@@ -182,6 +192,34 @@ def test_add_grad_sparse_gradient(backend, device):
     p.grad = torch.randn(4, 3, device=device).to_sparse()
     tensors = _valid_params(device) + [p]
     _assert_raises_and_keeps("add_penalty_grad_", tensors, TypeError, "sparse", backend=backend)
+
+
+def test_add_grad_wrapper_subclass_gradient(backend, device):
+    p = torch.randn(3, device=device, requires_grad=True)
+    p.grad = TwoTensor(torch.ones(3, device=device), torch.ones(3, device=device))
+    tensors = _valid_params(device) + [p]
+    _assert_raises_and_keeps("add_penalty_grad_", tensors, TypeError, "TwoTensor", backend=backend)
+
+
+class _FunctionOnlySubclass(torch.Tensor):
+    """A subclass with real storage and no __torch_dispatch__: an ordinary tensor to the kernels."""
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_parameters_and_plain_subclasses_are_accepted(backend, device, op):
+    values = [torch.randn(4, 3, device=device), torch.randn(5, device=device)]
+    plain = [v.clone() for v in values]
+    subclassed = [nn.Parameter(values[0].clone()), values[1].clone().as_subclass(_FunctionOnlySubclass)]
+    for ts in (plain, subclassed):
+        for t in ts:
+            t.grad = torch.ones_like(t)
+    expected = OPS[op](plain, backend=backend)
+    got = OPS[op](subclassed, backend=backend)
+    if expected is not None:
+        torch.testing.assert_close(torch.as_tensor(got), expected)
+    for a, b in zip(subclassed, plain):
+        torch.testing.assert_close(torch.as_tensor(a.detach()), b)
+        torch.testing.assert_close(torch.as_tensor(a.grad), b.grad)
 
 
 @pytest.mark.parametrize("op", ["add_penalty_grad_", "prox_l1_"])

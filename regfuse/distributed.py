@@ -1,0 +1,406 @@
+"""DTensor lists (FSDP2, tensor parallelism) at the API boundary.
+
+Every public function of :mod:`regfuse.api` carries one :func:`dtensor_aware` line. For a
+list of plain tensors it costs one ``isinstance`` check and calls the function unchanged.
+For a list of DTensors (all on one device mesh) it runs the unchanged function once on the
+local shards, so each rank makes one fused launch over its shards, and returns what
+torch's own DTensor rules (``torch/distributed/tensor/_ops/_math_ops.py``) give for the
+same maths:
+
+* **Reductions** (``norms``, ``penalty``, ...) return a DTensor. On a mesh dimension where
+  an input is sharded the local results are partial: ``Partial("sum")`` for sums (the L1
+  norm, the squared L2 norm, penalties), torch's norm-partial ``_NormPartial(p)`` for a
+  p-norm (``p`` not 0 or 1; reduced as ``(sum x**p)**(1/p)``), ``Partial("max")`` for the
+  max norm. On a dimension where it is replicated the result is replicated, so a
+  replicated tensor is never counted twice. ``.full_tensor()`` is the single-process value,
+  at the cost of one small all-reduce, paid only when asked for. A ``Partial`` *input* is
+  first redistributed to ``Replicate`` (a norm of pending sums is not the sum of norms),
+  as torch does for a non-linear reduction.
+* **Gradients** reach the inputs with the inputs' placements: the local shards come from
+  ``DTensor.to_local`` and the results go through ``DTensor.from_local``, both
+  differentiable, so the fused kernel's backward runs on the local shards. The local
+  backward of a norm only knows the local norm, so for a norm-partial or max-partial
+  result the gradient of each local result is rescaled in the backward by what the global
+  value says (``(n_local / n_global)**(p - 1)``; for the max, the share of the elements
+  attaining the global maximum that lives on this rank), which costs one all-reduce of the
+  result vector in the backward, as torch's own ``vector_norm`` backward does.
+* **In-place ops** (``prox_l1_``, ``add_penalty_grad_``) update every local shard (a
+  replicated one identically on every rank); no communication.
+
+Inputs whose placements differ (tensor parallelism mixes ``Shard`` and ``Replicate``) are
+reduced in one launch per placement group; the groups' results are then made replicated
+(one all-reduce each) and combined, since one DTensor cannot carry two placements, which
+is also what torch's rules do when such results are stacked or added.
+
+A tensor subclass that is not a DTensor and whose data the kernels cannot read (any
+subclass with ``__torch_dispatch__``, nested tensors) is refused with a ``TypeError``
+naming its type (:func:`regfuse.validation.inspect_py`), before anything runs.
+
+A new public function gets all of this with one line, e.g.::
+
+    @dtensor_aware(reduce=lambda args: norm_combination(args["p"]))
+    def total_norm(tensors, p=2.0, *, backend="auto"): ...
+
+The results of ``torch.compile``: the custom ops only ever see the local shards, so no
+sharding rule is registered for them; dynamo traces ``to_local`` / ``from_local`` itself.
+"""
+from __future__ import annotations
+
+import functools
+import inspect as pyinspect
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .validation import as_list
+
+__all__ = ["dtensor_aware", "norm_combination", "SUM", "MAX", "MIN", "NormPartial", "dtensor_class",
+           "is_dtensor", "replicated_value"]
+
+# How the local results of a reduction combine across the ranks that hold the shards.
+SUM = "sum"
+MAX = "max"
+MIN = "min"
+
+
+@dataclass(frozen=True)
+class NormPartial:
+    """Local p-norms that combine as ``(sum_k n_k**p)**(1/p)`` (torch's ``_NormPartial``)."""
+    p: float
+
+
+Combination = Union[str, NormPartial]
+
+
+def norm_combination(p: float, squared: bool = False) -> Combination:
+    """How the per-shard values of a p-norm (or of its square) combine into the global one."""
+    try:
+        p = float(p)
+    except (TypeError, ValueError):
+        return SUM  # not a norm: the function's own check raises, naming the value
+    if squared or p in (0.0, 1.0):  # sums: of squares, of |x|, of nonzeros
+        return SUM
+    if p == math.inf:
+        return MAX
+    if p == -math.inf:
+        return MIN
+    return NormPartial(p)
+
+
+def dtensor_class() -> Optional[type]:
+    """``DTensor``, or ``None`` while ``torch.distributed.tensor`` was never imported (then no
+    DTensor can exist, and regfuse need not pay for importing it)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def is_dtensor(t: object) -> bool:
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def replicated_value(t: Tensor) -> Tensor:
+    """The single-process value of a result: ``t.full_tensor()`` for a DTensor, else ``t``."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+# ---- the decorator ----------------------------------------------------------------------
+
+def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], None] = None,
+                  per_tensor: bool = False, in_place: Optional[str] = None,
+                  per_tensor_args: Sequence[str] = ("coefficients",)) -> Callable:
+    """Makes a public function whose first argument is the tensor list accept DTensor lists.
+
+    Exactly one of:
+
+    * ``reduce``: the function is a reduction returning a tensor on the inputs' device;
+      ``reduce`` says how local results combine across shards (:data:`SUM`, :data:`MAX`,
+      :data:`MIN`, :class:`NormPartial`), or computes it from the function's arguments
+      (a dict, defaults applied). ``per_tensor=True``: entry ``i`` of the 1-D result
+      belongs to tensor ``i`` (``norms``); else the result combines the whole list.
+    * ``in_place="values"``: the function updates the tensors in place (``prox_l1_``);
+      ``in_place="grads"``: it updates (or creates) their ``.grad`` (``add_penalty_grad_``).
+
+    ``per_tensor_args`` name the arguments holding one value per tensor, which are split
+    along with the list when it has several placement groups.
+    """
+    if (reduce is None) == (in_place is None) or in_place not in (None, "values", "grads"):
+        raise ValueError("dtensor_aware: give either reduce=... or in_place='values'/'grads'")
+
+    def decorate(fn: Callable) -> Callable:
+        signature = pyinspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(tensors, *args, **kwargs):
+            cls = dtensor_class()
+            if cls is None:  # the common case: no DTensor can exist in this process
+                return fn(tensors, *args, **kwargs)
+            tensors = as_list(tensors)
+            # A list is all DTensors or none: a plain list with a DTensor further on is
+            # refused by the plain path's checks, naming the element.
+            if not tensors or not isinstance(tensors[0], cls):
+                return fn(tensors, *args, **kwargs)
+            mesh = _check_list(tensors, cls)
+            if in_place is not None:
+                return _in_place(fn, tensors, args, kwargs, in_place == "grads")
+            bound = signature.bind(tensors, *args, **kwargs)
+            bound.apply_defaults()
+            combination = reduce(bound.arguments) if callable(reduce) else reduce
+            return _reduction(fn, signature, bound, tensors, mesh, combination, per_tensor,
+                              per_tensor_args)
+
+        wrapper.__wrapped_local__ = fn  # the function on plain (local) tensors
+        return wrapper
+
+    return decorate
+
+
+def _check_list(tensors: list, cls: type):
+    mesh = tensors[0].device_mesh
+    for i, t in enumerate(tensors):
+        if not isinstance(t, cls):
+            raise TypeError(f"regfuse: tensor 0 is a DTensor but tensor {i} is a {type(t).__name__}; "
+                            "a list must be all DTensors (on one device mesh) or all plain tensors")
+        if t.device_mesh != mesh:
+            raise ValueError(f"regfuse: DTensors on different device meshes (tensor 0 on {mesh}, "
+                             f"tensor {i} on {t.device_mesh}); one mesh per list")
+    return mesh
+
+
+# ---- in-place ops: every local shard, no communication ----------------------------------
+
+def _in_place(fn: Callable, tensors: list, args: tuple, kwargs: dict, grads: bool) -> None:
+    for i, t in enumerate(tensors):
+        if any(p.is_partial() for p in t.placements):
+            raise ValueError(f"regfuse: tensor {i} is a Partial DTensor {t.placements}; its local "
+                             "values are pending sums, not values to update in place")
+        if grads and t.grad is not None:
+            if not is_dtensor(t.grad) or t.grad.device_mesh != t.device_mesh \
+                    or tuple(t.grad.placements) != tuple(t.placements):
+                where = (f"placements {tuple(t.grad.placements)}" if is_dtensor(t.grad)
+                         else f"a {type(t.grad).__name__}")
+                raise ValueError(f"regfuse: parameter {i} is a DTensor with placements "
+                                 f"{tuple(t.placements)} but its gradient has {where}; "
+                                 "redistribute the gradient to the parameter's placements first")
+    with torch.no_grad():
+        # Stand-ins sharing the local shard's memory and version counter; for "grads" each
+        # carries the local shard of the gradient as its own .grad.
+        local = [t._local_tensor.detach() for t in tensors]
+    if grads:
+        for stand_in, t in zip(local, tensors):
+            if t.grad is not None:
+                stand_in.grad = t.grad._local_tensor
+    fn(local, *args, **kwargs)
+    changed = []
+    for stand_in, t in zip(local, tensors):
+        if not grads:
+            changed.append(t)
+        elif t.grad is None:  # the function created the gradient: give the DTensor its own
+            t.grad = _wrap_like(stand_in.grad, t)
+        else:
+            changed.append(t.grad)
+    _bump_versions(changed)
+
+
+def _wrap_like(local: Tensor, like) -> Tensor:
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
+
+
+def _bump_versions(tensors: list) -> None:
+    # The kernels wrote the local shards; a DTensor's own version counter is separate.
+    if tensors:
+        torch.autograd.graph.increment_version(tensors)
+
+
+# ---- reductions ---------------------------------------------------------------------------
+
+def _replicate_partials(tensors: list) -> list:
+    """A ``Partial`` input holds pending sums: a norm needs its values (torch does the same)."""
+    from torch.distributed.tensor import Replicate
+    out = []
+    for t in tensors:
+        if any(p.is_partial() for p in t.placements):
+            t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
+        out.append(t)
+    return out
+
+
+def _output_placements(placements: tuple, combination: Combination) -> tuple:
+    """The result's placement on each mesh dimension: partial where the input is sharded."""
+    from torch.distributed.tensor import Partial, Replicate
+    if isinstance(combination, NormPartial):
+        from torch.distributed.tensor._ops._math_ops import _NormPartial
+        partial = _NormPartial(combination.p)
+    else:
+        partial = Partial(combination)
+    return tuple(partial if p.is_shard() else Replicate() for p in placements)
+
+
+def _local_shards(tensors: list) -> list:
+    if torch.is_grad_enabled():
+        return [t.to_local() for t in tensors]  # differentiable: gradients come back as DTensors
+    return [t._local_tensor for t in tensors]
+
+
+def _reduction(fn, signature, bound, tensors, mesh, combination, per_tensor, per_tensor_args):
+    tensors = _replicate_partials(tensors)
+    # Grouped by the result's placements: Shard(0) and Shard(1) inputs both give partial
+    # results and share a launch.
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(_output_placements(tuple(t.placements), combination), []).append(i)
+    if len(groups) == 1:
+        placements = next(iter(groups))
+        return _reduce_group(fn, bound, tensors, mesh, placements, combination, per_tensor)
+    # One launch per placement group, each result made replicated (differentiably), then
+    # combined as the reduction combines: one DTensor holds only one placement.
+    from torch.distributed.tensor import DTensor, Replicate
+    parts, order = [], []
+    for out_placements, indices in groups.items():
+        sub = _subset(signature, bound, tensors, indices, per_tensor_args)
+        part = _reduce_group(fn, sub, [tensors[i] for i in indices], mesh, out_placements,
+                             combination, per_tensor)
+        parts.append(part.full_tensor())
+        order.extend(indices)
+    if per_tensor:
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        value = torch.cat(parts)[inverse.to(parts[0].device)]
+    else:
+        value = _combine(torch.stack(parts), combination)
+    return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False,
+                              shape=value.shape, stride=value.stride())
+
+
+def _combine(values: Tensor, combination: Combination) -> Tensor:
+    if combination == SUM:
+        return values.sum()
+    if combination == MAX:
+        return values.max()
+    if combination == MIN:
+        return values.min()
+    return torch.linalg.vector_norm(values, combination.p)
+
+
+def _subset(signature, bound, tensors: list, indices: list[int], per_tensor_args) -> pyinspect.BoundArguments:
+    arguments = dict(bound.arguments)
+    first = next(iter(signature.parameters))
+    arguments[first] = [tensors[i] for i in indices]
+    for name in per_tensor_args:
+        value = arguments.get(name)
+        if value is None:
+            continue
+        n = len(tensors)
+        if (len(value) if not isinstance(value, Tensor) else value.numel()) != n:
+            continue  # the function's own check raises, naming the expected length
+        arguments[name] = (value[torch.tensor(indices, device=value.device)]
+                           if isinstance(value, Tensor) else [value[i] for i in indices])
+    return pyinspect.BoundArguments(signature, arguments)
+
+
+def _reduce_group(fn, bound, tensors: list, mesh, out_placements: tuple, combination, per_tensor: bool):
+    from torch.distributed.tensor import DTensor
+    local = _local_shards(tensors)
+    arguments = dict(bound.arguments)
+    first = next(iter(bound.signature.parameters))
+    arguments[first] = local
+    call = pyinspect.BoundArguments(bound.signature, arguments)
+    result = fn(*call.args, **call.kwargs)
+    if combination == SUM or not any(p.is_partial() for p in out_placements):
+        # Gradient of a sum of shards: every shard gets the upstream gradient as it is.
+        return DTensor.from_local(result, mesh, out_placements, run_check=False,
+                                  shape=result.shape, stride=result.stride())
+    if isinstance(combination, NormPartial):
+        return _NormPartialResult.apply(result, mesh, out_placements, combination.p)
+    return _ExtremumPartialResult.apply(result, mesh, out_placements, per_tensor, *local)
+
+
+def _partial_sum_placements(placements: tuple) -> tuple:
+    from torch.distributed.tensor import Partial
+    return tuple(Partial("sum") if q.is_partial() else q for q in placements)
+
+
+def _replicated_locally(t) -> Tensor:
+    """The full value of a DTensor as this rank's plain tensor, for rank-local computations.
+
+    Each rank uses it for its own shards, so its gradient is a partial sum over the ranks
+    (``grad_placements``), which the backward all-reduces: what a double backward needs.
+    """
+    if not is_dtensor(t):
+        return t
+    from torch.distributed.tensor import Partial
+    return t.full_tensor(grad_placements=[Partial("sum")] * t.device_mesh.ndim)
+
+
+class _NormPartialResult(torch.autograd.Function):
+    """Local p-norms ``n`` -> a ``_NormPartial(p)`` DTensor.
+
+    The local kernel's backward computes ``d n / d x`` with the local norm; the global norm
+    ``N = (sum_k n_k**p)**(1/p)`` has ``d N / d n_k = (n_k / N)**(p - 1)``, which the backward
+    applies to the upstream gradient (0 where ``n_k`` is 0, as for a zero norm).
+    """
+
+    @staticmethod
+    def forward(ctx, local: Tensor, mesh, placements: tuple, p: float):
+        from torch.distributed.tensor import DTensor
+        ctx.mesh, ctx.placements, ctx.p = mesh, placements, p
+        ctx.save_for_backward(local)
+        return DTensor.from_local(local.detach(), mesh, placements, run_check=False,
+                                  shape=local.shape, stride=local.stride())
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor
+        local, = ctx.saved_tensors
+        # N from sum-partials of n**p: differentiable as it is (torch's backward of a
+        # _NormPartial redistribution passes the gradient through unscaled), which makes
+        # this backward itself differentiable.
+        powers = DTensor.from_local(local.pow(ctx.p), ctx.mesh, _partial_sum_placements(ctx.placements),
+                                    run_check=False, shape=local.shape, stride=local.stride())
+        total = _replicated_locally(powers).pow(1 / ctx.p)
+        zero = local == 0
+        ratio = local / torch.where(zero, torch.ones_like(total), total)
+        scale = torch.where(zero, torch.zeros_like(ratio), ratio.pow(ctx.p - 1))
+        return _replicated_locally(grad).to(local.dtype) * scale, None, None, None
+
+
+class _ExtremumPartialResult(torch.autograd.Function):
+    """Local max (or min) norms ``m`` -> a ``Partial("max")`` (or ``"min"``) DTensor.
+
+    Torch shares the gradient of the max norm evenly among the elements attaining it; the
+    local backward shares it among the local ones, so each local result receives the
+    upstream gradient times (local elements attaining the global value) / (all of them).
+    """
+
+    @staticmethod
+    def forward(ctx, local: Tensor, mesh, placements: tuple, per_tensor: bool, *shards: Tensor):
+        from torch.distributed.tensor import DTensor
+        ctx.mesh, ctx.placements, ctx.per_tensor = mesh, placements, per_tensor
+        ctx.save_for_backward(local, *shards)
+        return DTensor.from_local(local.detach(), mesh, placements, run_check=False,
+                                  shape=local.shape, stride=local.stride())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor
+        local, *shards = ctx.saved_tensors
+        shape, stride = local.shape, local.stride()
+        extremum = DTensor.from_local(local, ctx.mesh, ctx.placements, run_check=False,
+                                      shape=shape, stride=stride).full_tensor()
+        if ctx.per_tensor:
+            hits = torch.stack([(s.abs().to(local.dtype) == m).sum() for s, m in zip(shards, local)]) \
+                if shards else local.new_zeros(0)
+        else:
+            hits = sum(((s.abs().to(local.dtype) == local).sum() for s in shards), local.new_zeros(()))
+        hits = torch.where(local == extremum, hits.to(local.dtype), torch.zeros_like(local))
+        total = DTensor.from_local(hits, ctx.mesh, _partial_sum_placements(ctx.placements),
+                                   run_check=False, shape=shape, stride=stride).full_tensor()
+        share = hits / total.clamp_min(1)
+        return (_replicated_locally(grad).to(local.dtype) * share, None, None, None, *([None] * len(shards)))
