@@ -146,6 +146,11 @@ def norms(tensors: TensorList, p: float = 2, *, squared: bool = False, backend: 
         float64), on the inputs' device; differentiable twice. The norm of an empty
         tensor is 0. Same values as ``torch.stack([torch.linalg.vector_norm(t, p) ...])``
         computed in the accumulation dtype.
+
+        For DTensors (FSDP2), a DTensor computed on the local shards: ``Partial("sum")``
+        for ``p=1`` and ``squared``, a norm-partial for ``p=2``, ``Partial("max")`` for
+        ``p=inf`` where the inputs are sharded; ``.full_tensor()`` is the global value
+        (see :mod:`regfuse.distributed`).
     """
     tensors = as_list(tensors)
     op = _norm_reduction(p, squared)
@@ -168,7 +173,9 @@ def penalty(tensors: TensorList, l1: float = 0.0, l2: float = 0.0, *,
     all 1); it is a constant, not differentiated. The values of a coefficients tensor on
     a GPU are not checked (that would synchronize with the GPU); everything else is.
     Returns a 0-d float32 tensor (float64 where any input is float64), differentiable
-    twice; 0 for an empty list.
+    twice; 0 for an empty list. For DTensors (FSDP2), a ``Partial("sum")`` DTensor of the
+    local shards' penalties (replicated where the inputs are); ``.full_tensor()`` is the
+    global penalty.
     """
     tensors = as_list(tensors)
     l1 = check_nonnegative("l1", l1)
@@ -234,7 +241,8 @@ def add_penalty_grad_(params: TensorList, l1: float = 0.0, l2: float = 0.0, *,
     No autograd graph; one fused pass. A ``p.grad`` that is ``None`` becomes the term
     itself. The result equals adding ``penalty(params, l1, l2, coefficients=...)`` to the
     loss before ``backward()``. Call it after ``backward()`` and before
-    ``optimizer.step()``.
+    ``optimizer.step()``. DTensor parameters (FSDP2) are updated on their local shards;
+    their gradients must have the parameters' placements.
     """
     l1 = check_nonnegative("l1", l1)
     l2 = check_nonnegative("l2", l2)
@@ -258,7 +266,8 @@ def prox_l1_(params: TensorList, threshold: float, *, coefficients: Coefficients
     """In place soft-thresholding ``p = sign(p) * max(|p| - c_i * threshold, 0)``.
 
     The proximal step of an L1 penalty: it leaves exact zeros. Call it after
-    ``optimizer.step()`` with ``threshold = lr * l1``. NaN stays NaN.
+    ``optimizer.step()`` with ``threshold = lr * l1``. NaN stays NaN. DTensor parameters
+    (FSDP2) are updated on their local shards, without communication.
     """
     threshold = check_nonnegative("threshold", threshold)
     params, info = _in_place_target(params, backend)

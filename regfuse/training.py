@@ -258,9 +258,9 @@ class WeightRegularizer:
 
         Each selected parameter gets a ``register_post_accumulate_grad_hook`` that only
         records it. The first one to fire in a backward queues a callback on the
-        autograd engine, which runs when that backward has finished and applies one
-        fused ``add_penalty_grad_`` over the parameters recorded in it: one launch per
-        backward, not one per parameter.
+        autograd engine, which runs after every other callback of that backward and
+        applies one fused ``add_penalty_grad_`` over the parameters recorded in it: one
+        launch per backward, not one per parameter.
 
         The rule: each ``backward()`` adds the penalty gradient once to every selected
         parameter that received a gradient in it. A parameter that gets no gradient in a
@@ -271,6 +271,12 @@ class WeightRegularizer:
         added to each micro-batch loss: scale ``l1``, ``l2`` by ``1/k``, or call
         :meth:`add_grad_` once before the step instead. ``torch.autograd.grad`` does
         not fill ``.grad`` and triggers nothing.
+
+        Under ``DistributedDataParallel`` and FSDP2 (``fully_shard``) the update runs after
+        the engine has finished the gradients: after DDP's all-reduce (the term is added
+        once, to the averaged gradient, identically on every rank) and after FSDP2's
+        reduce-scatter (on the local gradient shards). FSDP1 parameters are refused
+        (``TypeError``): it accumulates into flat parameters, where the hooks never fire.
         """
         if self._attached is not None:
             raise RuntimeError("regfuse: this WeightRegularizer is already attached; "

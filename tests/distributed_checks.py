@@ -9,13 +9,16 @@ the same tensors from the same seed, so each can evaluate that oracle itself).
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import datetime
+import importlib.util
+import io
 import json
 import math
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -352,6 +355,18 @@ def weight_regularizer_attach(env: Env) -> None:
     compare_grads(model, oracle_grads()[1], "after remove()")
 
 
+@check("ddp-copy", "ddp-view")
+def weight_regularizer_attach_with_no_sync(env: Env) -> None:
+    # Gradient accumulation: the first backward without the all-reduce, the second with it.
+    once = oracle_grads(lambda m, x: plain_penalty(regfuse.WeightRegularizer(m).params))[1]
+    model = wrap(env, MLP())
+    regfuse.WeightRegularizer(model, l1=L1, l2=L2).attach()
+    with model.no_sync():
+        local_loss(env, model).backward()
+    local_loss(env, model).backward()
+    compare_grads(model, {k: 2 * g for k, g in once.items()}, "no_sync() then a synchronized backward")
+
+
 @check("ddp-copy", "ddp-view", "fsdp2")
 def weight_regularizer_step_keeps_ranks_identical(env: Env) -> None:
     reference = MLP()
@@ -430,6 +445,20 @@ def norms_report_and_prox_of_model(env: Env) -> None:
     assert want.zeros > 0, "the threshold should zero some weights"
     for r, e in zip(got.rows, want.rows):
         assert math.isclose(r.l1, e.l1, rel_tol=1e-5) and math.isclose(r.l2, e.l2, rel_tol=1e-5), (r, e)
+
+
+@check("ddp-copy", "fsdp2")
+def example_ddp_fsdp(env: Env) -> None:
+    path = Path(__file__).resolve().parent.parent / "examples" / "ddp_fsdp.py"
+    spec = importlib.util.spec_from_file_location("ddp_fsdp_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    engine = "ddp" if env.config.startswith("ddp") else "fsdp2"
+    with contextlib.redirect_stdout(io.StringIO()):
+        difference = example.compare(engine, torch.device("cpu"))
+    if not difference < 1e-6:
+        MISMATCHES.append(f"examples/ddp_fsdp.py under {engine}: parameters {difference:.1e} "
+                          "away from one process")
 
 
 # ---- the worker -----------------------------------------------------------------------------

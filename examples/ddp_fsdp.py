@@ -1,0 +1,123 @@
+"""Regularized training under DDP and FSDP2, checked against one process on the whole batch.
+
+    torchrun --nproc_per_node=2 examples/ddp_fsdp.py                  # CPU: gloo
+    torchrun --nproc_per_node=2 examples/ddp_fsdp.py --engine fsdp2   # GPUs: nccl, one per rank
+
+Every rank trains on its part of each global batch with an L1/L2 weight penalty
+(``WeightRegularizer.attach()``), an L1 activity penalty (``ActivationRegularizer``) and a
+proximal L1 step (``prox_l1_``), under ``DistributedDataParallel`` and under FSDP2
+(``fully_shard``). It also trains the same model in one process on the whole batch (every
+rank can: the model is tiny) and prints how far apart the two end up: float32 rounding.
+
+What is per rank and what is global (docs/training.md, "Distributed training"):
+
+* the weights: identical on every rank under DDP, one shard per rank under FSDP2, where
+  regfuse works on the local shards and returns DTensors; ``attach()`` adds the penalty
+  gradient once per backward, after DDP has averaged the gradients (or FSDP2 has
+  reduce-scattered them), so the result is the single-process gradient;
+* the activations: per rank. DDP and FSDP2 average the gradients over the ranks, so a
+  per-sample penalty, ``penalty() / len(x)`` with the local batch, gives the
+  single-process gradient; a raw ``penalty()`` would come out at 1/world_size of it;
+* ``sparsity_report``: the numbers of the whole (unsharded) model on every rank.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import regfuse
+
+L1_WEIGHTS, L2_WEIGHTS, L1_ACTIVITY, LR, STEPS = 1e-3, 1e-2, 1e-3, 0.1, 5
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 17), nn.ReLU(), nn.Linear(17, 4))
+
+
+def make_batches(device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, 16, generator=gen).to(device), torch.randn(32, 4, generator=gen).to(device))
+            for _ in range(STEPS)]
+
+
+def relus(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.ReLU)]
+
+
+def train(model: nn.Module, batches, shard=lambda t: t) -> nn.Module:
+    """``STEPS`` SGD steps; ``shard`` picks this rank's part of each global batch."""
+    weights = regfuse.WeightRegularizer(model, l1=L1_WEIGHTS, l2=L2_WEIGHTS)
+    handle = weights.attach()  # the penalty gradient, once per backward, fused
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    with regfuse.ActivationRegularizer(relus(model), l1=L1_ACTIVITY) as activity:
+        for x, y in batches:
+            x, y = shard(x), shard(y)
+            loss = F.mse_loss(model(x), y) + activity.penalty() / len(x)  # per sample
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            activity.clear()
+            regfuse.prox_l1_(weights.params, LR * L1_WEIGHTS)  # exact zeros
+    handle.remove()
+    return model
+
+
+def wrap(model: nn.Module, engine: str, device: torch.device) -> nn.Module:
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def compare(engine: str, device: torch.device) -> float:
+    """Trains under ``engine`` and in one process; returns the largest parameter difference."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = make_batches(device)
+    reference = train(make_model().to(device), batches)
+    model = train(wrap(make_model().to(device), engine, device), batches,
+                  shard=lambda t: t.chunk(world)[rank])
+    inner = model.module if engine == "ddp" else model
+    difference = 0.0
+    for p, q in zip(inner.parameters(), reference.parameters()):
+        value = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2: gather the shards
+        difference = max(difference, (value.detach() - q.detach()).abs().max().item())
+    report = regfuse.sparsity_report(inner)  # global numbers, the same on every rank
+    if rank == 0:
+        print(f"{engine}: {world} ranks against one process, largest parameter difference "
+              f"after {STEPS} steps: {difference:.1e}")
+        print(report)
+    return difference
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=["ddp", "fsdp2", "both"], default="both")
+    engine = parser.parse_args().engine
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    try:
+        for name in (["ddp", "fsdp2"] if engine == "both" else [engine]):
+            compare(name, device)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
