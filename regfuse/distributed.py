@@ -54,7 +54,7 @@ import inspect as pyinspect
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -114,7 +114,8 @@ def replicated_value(t: Tensor) -> Tensor:
 # ---- the decorator ----------------------------------------------------------------------
 
 def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], None] = None,
-                  per_tensor: bool = False, in_place: Optional[str] = None,
+                  per_tensor: Union[bool, str] = False, in_place: Optional[str] = None,
+                  slices: Optional[Callable[[dict], int]] = None,
                   per_tensor_args: Sequence[str] = ("coefficients",)) -> Callable:
     """Makes a public function whose first argument is the tensor list accept DTensor lists.
 
@@ -124,15 +125,25 @@ def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], N
       ``reduce`` says how local results combine across shards (:data:`SUM`, :data:`MAX`,
       :data:`MIN`, :class:`NormPartial`), or computes it from the function's arguments
       (a dict, defaults applied). ``per_tensor=True``: entry ``i`` of the 1-D result
-      belongs to tensor ``i`` (``norms``); else the result combines the whole list.
+      belongs to tensor ``i`` (``norms``); ``per_tensor="list"``: the function returns
+      one 1-D tensor per input, one value per slice (needs ``slices``); else the result
+      combines the whole list.
     * ``in_place="values"``: the function updates the tensors in place (``prox_l1_``);
       ``in_place="grads"``: it updates (or creates) their ``.grad`` (``add_penalty_grad_``).
+
+    ``slices`` (for functions working on whole slices along a dimension, group norms and
+    the group lasso) gives that dimension from the arguments. A tensor sharded along
+    another dimension is redistributed there first (its slices are split over the ranks)
+    by a reduction, and refused by an in-place op; a tensor sharded along it keeps its
+    shards, and a per-slice result is then sharded the same way (``Shard(0)``).
 
     ``per_tensor_args`` name the arguments holding one value per tensor, which are split
     along with the list when it has several placement groups.
     """
-    if (reduce is None) == (in_place is None) or in_place not in (None, "values", "grads"):
-        raise ValueError("dtensor_aware: give either reduce=... or in_place='values'/'grads'")
+    if (reduce is None) == (in_place is None) or in_place not in (None, "values", "grads") \
+            or (per_tensor == "list" and slices is None):
+        raise ValueError("dtensor_aware: give either reduce=... or in_place='values'/'grads'; "
+                         "per_tensor='list' needs slices=...")
 
     def decorate(fn: Callable) -> Callable:
         signature = pyinspect.signature(fn)
@@ -148,15 +159,22 @@ def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], N
             if not tensors or not isinstance(tensors[0], cls):
                 return fn(tensors, *args, **kwargs)
             mesh = _check_list(tensors, cls)
-            if in_place is not None:
-                return _in_place(fn, tensors, args, kwargs, in_place == "grads")
             bound = signature.bind(tensors, *args, **kwargs)
             bound.apply_defaults()
+            dim = slices(bound.arguments) if slices is not None else None
+            if in_place is not None:
+                if dim is not None:
+                    _refuse_split_slices(tensors, dim)
+                return _in_place(fn, tensors, args, kwargs, in_place == "grads")
+            tensors = _replicate_partials(tensors)
+            if dim is not None:
+                tensors = _whole_slices(tensors, dim)
+            if per_tensor == "list":
+                return _per_slice_results(fn, bound, tensors)
             combination = reduce(bound.arguments) if callable(reduce) else reduce
             return _reduction(fn, signature, bound, tensors, mesh, combination, per_tensor,
                               per_tensor_args)
 
-        wrapper.__wrapped_local__ = fn  # the function on plain (local) tensors
         return wrapper
 
     return decorate
@@ -251,8 +269,50 @@ def _local_shards(tensors: list) -> list:
     return [t._local_tensor for t in tensors]
 
 
+def _split_dims(t, dim: int) -> list[int]:
+    """The mesh dimensions along which ``t`` is sharded across tensor dimension ``dim``'s slices."""
+    if t.dim() == 0:
+        return []
+    dim = dim % t.dim() if -t.dim() <= dim < t.dim() else dim  # out of range: the function raises
+    return [k for k, p in enumerate(t.placements) if p.is_shard() and p.dim != dim]
+
+
+def _refuse_split_slices(tensors: list, dim: int) -> None:
+    for i, t in enumerate(tensors):
+        if _split_dims(t, dim):
+            raise ValueError(f"regfuse: tensor {i} has placements {tuple(t.placements)}, so its slices "
+                             f"along dim {dim} are split over the ranks; this in-place op works on "
+                             f"whole slices: shard along dim {dim} (FSDP2 shards dim 0) or redistribute")
+
+
+def _whole_slices(tensors: list, dim: int) -> list:
+    """Redistributes the tensors whose slices along ``dim`` are split over the ranks."""
+    from torch.distributed.tensor import Replicate
+    out = []
+    for t in tensors:
+        split = _split_dims(t, dim)
+        if split:
+            t = t.redistribute(t.device_mesh, [Replicate() if k in split else p
+                                               for k, p in enumerate(t.placements)])
+        out.append(t)
+    return out
+
+
+def _per_slice_results(fn, bound, tensors: list) -> list:
+    """One DTensor per input: sharded like the slices (``Shard(0)``), else replicated."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    results = _call_on(fn, bound, _local_shards(tensors))
+    out = []
+    for t, r in zip(tensors, results):
+        sharded = [p for p in t.placements if p.is_shard()]  # only along the slices' dim now
+        placements = [Shard(0) if p.is_shard() else Replicate() for p in t.placements]
+        shape = torch.Size([t.shape[sharded[0].dim]]) if sharded else r.shape
+        out.append(DTensor.from_local(r, t.device_mesh, placements, run_check=False, shape=shape,
+                                      stride=(1,) * len(shape)))
+    return out
+
+
 def _reduction(fn, signature, bound, tensors, mesh, combination, per_tensor, per_tensor_args):
-    tensors = _replicate_partials(tensors)
     # Grouped by the result's placements: Shard(0) and Shard(1) inputs both give partial
     # results and share a launch.
     groups: dict[tuple, list[int]] = {}
@@ -261,6 +321,12 @@ def _reduction(fn, signature, bound, tensors, mesh, combination, per_tensor, per
     if len(groups) == 1:
         placements = next(iter(groups))
         return _reduce_group(fn, bound, tensors, mesh, placements, combination, per_tensor)
+    bad = _unsplittable(bound, len(tensors), per_tensor_args)
+    if bad is not None:
+        # The function's own check says what is wrong with it, on the whole list.
+        with torch.no_grad():
+            _call_on(fn, bound, [t._local_tensor for t in tensors])
+        raise ValueError(f"regfuse: {bad} must hold one value per tensor ({len(tensors)})")
     # One launch per placement group, each result made replicated (differentiably), then
     # combined as the reduction combines: one DTensor holds only one placement.
     from torch.distributed.tensor import DTensor, Replicate
@@ -291,30 +357,49 @@ def _combine(values: Tensor, combination: Combination) -> Tensor:
     return torch.linalg.vector_norm(values, combination.p)
 
 
+def _unsplittable(bound, n: int, per_tensor_args) -> Optional[str]:
+    """The first per-tensor argument that does not hold ``n`` values (iterables become lists)."""
+    for name in per_tensor_args:
+        value = bound.arguments.get(name)
+        if value is None:
+            continue
+        if isinstance(value, Tensor):
+            if value.dim() != 1 or value.numel() != n:
+                return name
+            continue
+        try:
+            bound.arguments[name] = value = list(value)
+        except TypeError:
+            return name
+        if len(value) != n:
+            return name
+    return None
+
+
 def _subset(signature, bound, tensors: list, indices: list[int], per_tensor_args) -> pyinspect.BoundArguments:
     arguments = dict(bound.arguments)
     first = next(iter(signature.parameters))
     arguments[first] = [tensors[i] for i in indices]
     for name in per_tensor_args:
         value = arguments.get(name)
-        if value is None:
-            continue
-        n = len(tensors)
-        if (len(value) if not isinstance(value, Tensor) else value.numel()) != n:
-            continue  # the function's own check raises, naming the expected length
-        arguments[name] = (value[torch.tensor(indices, device=value.device)]
-                           if isinstance(value, Tensor) else [value[i] for i in indices])
+        if value is not None:
+            arguments[name] = (value[torch.tensor(indices, device=value.device)]
+                               if isinstance(value, Tensor) else [value[i] for i in indices])
     return pyinspect.BoundArguments(signature, arguments)
+
+
+def _call_on(fn, bound, local: list):
+    """``fn`` with its bound arguments, the tensor list replaced by ``local``."""
+    arguments = dict(bound.arguments)
+    arguments[next(iter(bound.signature.parameters))] = local
+    call = pyinspect.BoundArguments(bound.signature, arguments)
+    return fn(*call.args, **call.kwargs)
 
 
 def _reduce_group(fn, bound, tensors: list, mesh, out_placements: tuple, combination, per_tensor: bool):
     from torch.distributed.tensor import DTensor
     local = _local_shards(tensors)
-    arguments = dict(bound.arguments)
-    first = next(iter(bound.signature.parameters))
-    arguments[first] = local
-    call = pyinspect.BoundArguments(bound.signature, arguments)
-    result = fn(*call.args, **call.kwargs)
+    result = _call_on(fn, bound, local)
     if combination == SUM or not any(p.is_partial() for p in out_placements):
         # Gradient of a sum of shards: every shard gets the upstream gradient as it is.
         return DTensor.from_local(result, mesh, out_placements, run_check=False,

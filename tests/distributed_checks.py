@@ -31,6 +31,7 @@ from torch.distributed.tensor._ops._math_ops import _NormPartial
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import regfuse
+from regfuse.distributed import SUM, dtensor_aware
 
 WORLD_SIZE = 2
 CONFIGS = ("dtensor", "ddp-copy", "ddp-view", "fsdp2")
@@ -246,7 +247,7 @@ def replicated_and_mixed_placements(env: Env) -> None:
             close(d.grad, t.grad, f"norms(p={p}) gradient of tensor {i}")
     plain = [t.clone().requires_grad_() for t in tensors()]
     mixed = [env.shard(t, q).requires_grad_() for t, q in zip(tensors(), placements)]
-    out = regfuse.penalty(mixed, L1, L2, coefficients=coefficients)
+    out = regfuse.penalty(mixed, L1, L2, coefficients=(c for c in coefficients))  # any iterable
     expected = plain_penalty(plain, coefficients=coefficients)
     close(out, expected, "penalty of mixed placements")
     out.full_tensor().backward()
@@ -261,6 +262,58 @@ def partial_input_is_reduced_first(env: Env) -> None:
     # Rank r holds (r + 1) * t / 3: the pending sum is t.
     pending = DTensor.from_local(t * (env.rank + 1) / 3, env.mesh, [Partial("sum")])
     close(regfuse.norms([pending], p=1), t.abs().sum().reshape(1), "norms of a Partial input")
+
+
+# Functions on whole slices (the shape of group norms and the group lasso), written for
+# plain 2-D tensors and made DTensor-aware by one decorator line each.
+@dtensor_aware(reduce=SUM, per_tensor="list", slices=lambda args: args["dim"])
+def slice_norms(tensors, dim=0):
+    return [torch.linalg.vector_norm(t, dim=1 - dim) for t in tensors]
+
+
+@dtensor_aware(reduce=SUM, slices=lambda args: args["dim"])
+def sum_of_slice_norms(tensors, dim=0):
+    return sum(n.sum() for n in slice_norms(tensors, dim))
+
+
+@dtensor_aware(in_place="values", slices=lambda args: args["dim"])
+def normalize_slices_(tensors, dim=0):
+    for t in tensors:
+        t.div_(torch.linalg.vector_norm(t, dim=1 - dim, keepdim=True).clamp_min(1e-6))
+
+
+@check("dtensor")
+def functions_on_whole_slices(env: Env) -> None:
+    matrices = [tensors()[i] for i in (0, 2, 3)]  # (5, 3), (1, 4), (3, 2): uneven rows
+    for dim, placement in ((0, Shard(0)), (1, Replicate())):  # Shard(0) splits columns
+        plain = [t.clone().requires_grad_() for t in matrices]
+        sharded = [env.shard(t).requires_grad_() for t in matrices]
+        got = slice_norms(sharded, dim=dim)
+        expected = slice_norms(plain, dim=dim)
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert g.placements == (placement,), f"slice_norms(dim={dim}) {i}: {g.placements}"
+            close(g, e, f"slice_norms(dim={dim}) of tensor {i}")
+        total = sum_of_slice_norms(sharded, dim=dim)
+        close(total, sum_of_slice_norms(plain, dim=dim), f"sum_of_slice_norms(dim={dim})")
+        sum(full(g).sum() * (k + 1) for k, g in enumerate(got)).backward()
+        sum(e.sum() * (k + 1) for k, e in enumerate(expected)).backward()
+        for i, (d, t) in enumerate(zip(sharded, plain)):
+            assert d.grad.placements == d.placements
+            close(d.grad, t.grad, f"slice_norms(dim={dim}) gradient of tensor {i}")
+    plain = [t.clone() for t in matrices]
+    sharded = [env.shard(t) for t in matrices]
+    normalize_slices_(plain)
+    normalize_slices_(sharded)
+    for i, (d, t) in enumerate(zip(sharded, plain)):
+        close(d, t, f"normalize_slices_ of tensor {i}")
+    before = [d.to_local().clone() for d in sharded]
+    try:
+        normalize_slices_(sharded, dim=1)
+    except ValueError as exc:
+        assert "whole slices" in str(exc), exc
+    else:
+        MISMATCHES.append("an in-place op on slices split over the ranks was not refused")
+    assert all(torch.equal(d.to_local(), b) for d, b in zip(sharded, before))
 
 
 @check("dtensor")
@@ -305,6 +358,9 @@ def clear_errors_before_anything_runs(env: Env) -> None:
     other_mesh = DeviceMesh("cpu", list(reversed(range(WORLD_SIZE))))
     moved = distribute_tensor(torch.ones(4), other_mesh, [Shard(0)])
     raises(ValueError, lambda: regfuse.norms([sharded[0], moved]), "device meshes")
+    mixed = [sharded[0], env.shard(torch.ones(3), Replicate())]
+    raises(ValueError, lambda: regfuse.penalty(mixed, L1, coefficients=[1.0, 2.0, 3.0]), "coefficients")
+    raises(ValueError, lambda: regfuse.penalty(mixed, L1, coefficients=torch.ones(2, 1)), "coefficients")
     sharded[1].grad = env.shard(torch.ones(7), Replicate())
     raises(ValueError, lambda: regfuse.add_penalty_grad_(sharded, L1, L2), "placements")
     pending = DTensor.from_local(torch.ones(3), env.mesh, [Partial("sum")])
