@@ -153,19 +153,26 @@ def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], N
             cls = dtensor_class()
             if cls is None:  # the common case: no DTensor can exist in this process
                 return fn(tensors, *args, **kwargs)
-            tensors = as_list(tensors)
+            if isinstance(tensors, Tensor):  # one tensor: the function takes it or says no
+                items = [tensors]
+            elif isinstance(tensors, (list, tuple)):  # not copied: 2,000 tensors would cost 10 us
+                items = tensors
+            else:
+                items = tensors = as_list(tensors)
             # A list is all DTensors or none: a plain list with a DTensor further on is
             # refused by the plain path's checks, naming the element.
-            if not tensors or not isinstance(tensors[0], cls):
+            if not items or not isinstance(items[0], cls):
                 return fn(tensors, *args, **kwargs)
-            mesh = _check_list(tensors, cls)
-            bound = signature.bind(tensors, *args, **kwargs)
+            bound = signature.bind(tensors if isinstance(tensors, Tensor) else list(items),
+                                   *args, **kwargs)
             bound.apply_defaults()
+            tensors = list(items)
+            mesh = _check_list(tensors, cls)
             dim = slices(bound.arguments) if slices is not None else None
             if in_place is not None:
                 if dim is not None:
                     _refuse_split_slices(tensors, dim)
-                return _in_place(fn, tensors, args, kwargs, in_place == "grads")
+                return _in_place(fn, bound, tensors, in_place == "grads")
             tensors = _replicate_partials(tensors)
             if dim is not None:
                 tensors = _whole_slices(tensors, dim)
@@ -194,7 +201,7 @@ def _check_list(tensors: list, cls: type):
 
 # ---- in-place ops: every local shard, no communication ----------------------------------
 
-def _in_place(fn: Callable, tensors: list, args: tuple, kwargs: dict, grads: bool) -> None:
+def _in_place(fn: Callable, bound, tensors: list, grads: bool) -> None:
     for i, t in enumerate(tensors):
         if any(p.is_partial() for p in t.placements):
             raise ValueError(f"regfuse: tensor {i} is a Partial DTensor {t.placements}; its local "
@@ -215,7 +222,7 @@ def _in_place(fn: Callable, tensors: list, args: tuple, kwargs: dict, grads: boo
         for stand_in, t in zip(local, tensors):
             if t.grad is not None:
                 stand_in.grad = t.grad._local_tensor
-    fn(local, *args, **kwargs)
+    _call_on(fn, bound, local)
     changed = []
     for stand_in, t in zip(local, tensors):
         if not grads:
@@ -389,9 +396,11 @@ def _subset(signature, bound, tensors: list, indices: list[int], per_tensor_args
 
 
 def _call_on(fn, bound, local: list):
-    """``fn`` with its bound arguments, the tensor list replaced by ``local``."""
+    """``fn`` with its bound arguments, the tensors replaced by ``local`` (by its one tensor
+    where the caller passed one tensor, not a list)."""
     arguments = dict(bound.arguments)
-    arguments[next(iter(bound.signature.parameters))] = local
+    first = next(iter(bound.signature.parameters))
+    arguments[first] = local[0] if isinstance(arguments[first], Tensor) else local
     call = pyinspect.BoundArguments(bound.signature, arguments)
     return fn(*call.args, **call.kwargs)
 
