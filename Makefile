@@ -1,22 +1,23 @@
-# regfuse: `make bench` (the main job) and `make test`. Both set up what they need:
-# a virtual environment that reuses an importable torch (system site packages) or installs
-# torch==2.13.0 (CPU build) where there is none, the tools, and the built extension.
+# regfuse: `make bench` (the main job) and `make test`. Both set up what they need in
+# $(VENV), created from $(PYTHON) by scripts/setup_venv.py: it imports the torch that
+# $(PYTHON) imports (also when $(PYTHON) is a venv's or conda's interpreter), installs
+# torch==2.13.0 (CPU build) only where there is none, adds the build and test tools it
+# lacks (warning, not failing, when they cannot be installed), and builds the extension.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h)
 BENCH_ARGS ?=
 
-.PHONY: all setup build test test-python cuda-check triton-check bench clean
+.PHONY: all setup build test test-python cuda-check triton-check install-check gpu-check bench clean
 
 all: test
 
-$(VENV)/.tools: requirements-dev.txt
-	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -r requirements-dev.txt
+$(VENV)/.tools: requirements-dev.txt scripts/setup_venv.py
+	$(PYTHON) scripts/setup_venv.py $(VENV) requirements-dev.txt
 	touch $@
 
+# The install the README documents, editable; MAX_JOBS and TORCH_CUDA_ARCH_LIST pass through.
 $(VENV)/.built: $(VENV)/.tools $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
@@ -40,6 +41,15 @@ cuda-check:
 # The Triton kernels too, for sm_80/sm_90 through Triton's compiler (no GPU needed).
 triton-check: build
 	env -u TRITON_INTERPRET $(PY) scripts/check_triton_aot.py
+
+# sdist, regular and editable installs into fresh environments, oldest and newest
+# pip/setuptools (CI runs it after `make test`; needs the package index).
+install-check: setup
+	PYTHON=$(PY) bash scripts/check_install.sh
+
+# One command for a GPU machine: build for sm_90, tests, sanitizer, benchmark.
+gpu-check:
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
 
 bench: build
 	$(PY) benchmarks/run.py $(BENCH_ARGS)

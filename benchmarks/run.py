@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.util
 import itertools
 import platform
 import sys
@@ -219,7 +220,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     csv_path = args.csv or RESULTS / f"bench_{device.type}.csv"
     report.write_csv(rows, csv_path, ctx)
     written = [str(csv_path)]
-    if not args.no_plots:
+    plots = not args.no_plots
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        print("\nmatplotlib is not installed: no plots (the CSV has every number)")
+        plots = False
+    if plots:
         title = f"{ctx['device']}, torch {torch.__version__}"
         for name, plot in (("speedup", lambda p: report.plot_speedups(rows, p, title)),
                            ("bandwidth", lambda p: report.plot_bandwidth(rows, limits, p, title))):

@@ -13,10 +13,12 @@ import functools
 import pytest
 import torch
 
-import regfuse
-from providers import OPS, make_state, mismatch, providers
-from timing import synchronize
-from workloads import model_workloads
+pytest.importorskip("pytest_benchmark")  # its `benchmark` fixture; skipped where not installed
+
+import regfuse  # noqa: E402
+from providers import OPS, make_state, mismatch, providers  # noqa: E402
+from timing import synchronize  # noqa: E402
+from workloads import model_workloads  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = [b for b in regfuse.available_backends(DEVICE)
