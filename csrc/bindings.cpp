@@ -8,6 +8,7 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <list>
 #include <mutex>
@@ -346,9 +347,11 @@ void* stream_ptr(int64_t stream) { return reinterpret_cast<void*>(stream); }
 // `capturing` whether it is capturing a CUDA graph (see MetadataCache).
 at::Tensor reduce(const std::vector<at::Tensor>& tensors, int64_t op,
                   const c10::optional<at::Tensor>& weights, bool acc_double, int64_t stream,
-                  bool capturing) {
+                  bool capturing, double p) {
   check_list(tensors, "tensor");
-  TORCH_CHECK_VALUE(op >= kL1 && op <= kPenalty, "regfuse: unknown reduction ", op);
+  TORCH_CHECK_VALUE(op >= kL1 && op <= kNegInf, "regfuse: unknown reduction ", op);
+  TORCH_CHECK_VALUE(op != kLp || (p > 0 && std::isfinite(p)),
+                    "regfuse: the order of kLp must be a finite p > 0, got ", p);
   // Only kPenalty reads weights: (2, n).
   const at::Tensor w = op == kPenalty ? per_tensor_table(weights, "weights", 2, tensors, acc_double)
                                       : at::Tensor();
@@ -364,12 +367,12 @@ at::Tensor reduce(const std::vector<at::Tensor>& tensors, int64_t op,
     at::Tensor workspace = at::empty(
         {static_cast<int64_t>(cuda::reduce_workspace_bytes(meta.layout, acc_double))},
         tensors[0].options().dtype(at::kByte));
-    check_cuda_status(cuda::reduce(table, meta.layout, static_cast<int>(op), w_ptr, acc_double,
+    check_cuda_status(cuda::reduce(table, meta.layout, static_cast<int>(op), w_ptr, acc_double, p,
                                    workspace.data_ptr(), out.data_ptr(), stream_ptr(stream)));
 #endif
   } else {
     py::gil_scoped_release no_gil;
-    cpu::reduce(table, meta.layout, static_cast<int>(op), w_ptr, acc_double, out.data_ptr());
+    cpu::reduce(table, meta.layout, static_cast<int>(op), w_ptr, acc_double, p, out.data_ptr());
   }
   return out;
 }
@@ -502,21 +505,36 @@ void add_grad_(const std::vector<at::Tensor>& grads, const std::vector<at::Tenso
   run_backward(tensors, scales, acc_double, &grads, stream, capturing);
 }
 
-void prox_l1_(const std::vector<at::Tensor>& tensors, const at::Tensor& thresholds, bool acc_double,
-              int64_t stream, bool capturing) {
+// The in-place element-wise ops: each element of tensor i is updated with per_tensor[i].
+enum class InPlace { kProxL1, kScale };
+
+void update_in_place(const std::vector<at::Tensor>& tensors, const at::Tensor& per_tensor,
+                     const char* name, bool acc_double, int64_t stream, bool capturing, InPlace kind) {
   check_list(tensors, "tensor");
-  const at::Tensor t = per_tensor_table(thresholds, "thresholds", 1, tensors, acc_double);
+  const at::Tensor t = per_tensor_table(per_tensor, name, 1, tensors, acc_double);
   const Metadata meta = metadata_for(tensors, stream, capturing);
   c10::DeviceGuard guard(tensors[0].device());
   const int64_t* table = meta.table.data_ptr<int64_t>();
   if (on_cuda(tensors)) {
 #ifdef REGFUSE_WITH_CUDA
-    check_cuda_status(cuda::prox_l1(table, meta.layout, t.data_ptr(), acc_double, stream_ptr(stream)));
+    const auto launch = kind == InPlace::kScale ? cuda::scale : cuda::prox_l1;
+    check_cuda_status(launch(table, meta.layout, t.data_ptr(), acc_double, stream_ptr(stream)));
 #endif
   } else {
     py::gil_scoped_release no_gil;
-    cpu::prox_l1(table, meta.layout, t.data_ptr(), acc_double);
+    const auto run = kind == InPlace::kScale ? cpu::scale : cpu::prox_l1;
+    run(table, meta.layout, t.data_ptr(), acc_double);
   }
+}
+
+void prox_l1_(const std::vector<at::Tensor>& tensors, const at::Tensor& thresholds, bool acc_double,
+              int64_t stream, bool capturing) {
+  update_in_place(tensors, thresholds, "thresholds", acc_double, stream, capturing, InPlace::kProxL1);
+}
+
+void scale_(const std::vector<at::Tensor>& tensors, const at::Tensor& factors, bool acc_double,
+            int64_t stream, bool capturing) {
+  update_in_place(tensors, factors, "factors", acc_double, stream, capturing, InPlace::kScale);
 }
 
 // The cached table for a list and a chunk size, for the Triton kernels.
@@ -552,7 +570,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // capturing a CUDA graph. Both key and pin the cached tables (MetadataCache).
   m.def("reduce", &reduce, "per-tensor norms or the weighted penalty", py::arg("tensors"),
         py::arg("op"), py::arg("weights"), py::arg("acc_double"), py::arg("stream") = 0,
-        py::arg("capturing") = false);
+        py::arg("capturing") = false, py::arg("p") = 0.0);
   m.def("grad", &grad, "a*sign(x)+b*x per tensor, as views of one flat buffer per dtype",
         py::arg("tensors"), py::arg("scales"), py::arg("acc_double"), py::arg("stream") = 0,
         py::arg("capturing") = false);
@@ -561,6 +579,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("capturing") = false);
   m.def("prox_l1_", &prox_l1_, "in-place soft-thresholding", py::arg("tensors"),
         py::arg("thresholds"), py::arg("acc_double"), py::arg("stream") = 0,
+        py::arg("capturing") = false);
+  m.def("scale_", &scale_, "in-place x *= factors[i]; tensors with factor 1 untouched",
+        py::arg("tensors"), py::arg("factors"), py::arg("acc_double"), py::arg("stream") = 0,
         py::arg("capturing") = false);
   m.def("metadata", &metadata, "(int64 table on the device, number of chunks)", py::arg("tensors"),
         py::arg("chunk_size"), py::arg("stream") = 0, py::arg("capturing") = false);

@@ -29,10 +29,24 @@ namespace regfuse {
 REGFUSE_HOST_DEVICE float abs_value(float x) { return fabsf(x); }
 REGFUSE_HOST_DEVICE double abs_value(double x) { return fabs(x); }
 
+REGFUSE_HOST_DEVICE float pow_value(float x, float p) { return powf(x, p); }
+REGFUSE_HOST_DEVICE double pow_value(double x, double p) { return pow(x, p); }
+
+template <typename Acc>
+REGFUSE_HOST_DEVICE Acc infinity() {
+  return static_cast<Acc>(HUGE_VAL);
+}
+
 // max that returns NaN when either operand is NaN, as torch.maximum / vector_norm(inf).
 template <typename Acc>
 REGFUSE_HOST_DEVICE Acc nan_max(Acc a, Acc b) {
   return (a > b || a != a) ? a : b;
+}
+
+// min that returns NaN when either operand is NaN, as torch.minimum / vector_norm(-inf).
+template <typename Acc>
+REGFUSE_HOST_DEVICE Acc nan_min(Acc a, Acc b) {
+  return (a < b || a != a) ? a : b;
 }
 
 // torch.sign: -1, 0 or 1; 0 for NaN and for both zeros.
@@ -75,13 +89,14 @@ REGFUSE_HOST_DEVICE Acc soft_threshold(Acc x, Acc t) {
 
 // ---------------------------------------------------------------------------------------
 // Reducers: how a chunk folds its elements into a State, and how States combine.
-// combine() is associative up to rounding; callers fix the combination order.
+// combine() is associative up to rounding; callers fix the combination order. add()
+// takes the norm order p, which only PowSum uses.
 
 template <typename Acc>
 struct AbsSum {  // kL1
   using State = Acc;
   REGFUSE_HOST_DEVICE static State init() { return Acc(0); }
-  REGFUSE_HOST_DEVICE static State add(State s, Acc x) { return s + abs_value(x); }
+  REGFUSE_HOST_DEVICE static State add(State s, Acc x, Acc) { return s + abs_value(x); }
   REGFUSE_HOST_DEVICE static State combine(State a, State b) { return a + b; }
 };
 
@@ -89,7 +104,23 @@ template <typename Acc>
 struct SquareSum {  // kL2 (before the sqrt) and kSq
   using State = Acc;
   REGFUSE_HOST_DEVICE static State init() { return Acc(0); }
-  REGFUSE_HOST_DEVICE static State add(State s, Acc x) { return s + x * x; }
+  REGFUSE_HOST_DEVICE static State add(State s, Acc x, Acc) { return s + x * x; }
+  REGFUSE_HOST_DEVICE static State combine(State a, State b) { return a + b; }
+};
+
+template <typename Acc>
+struct PowSum {  // kLp (before the p-th root)
+  using State = Acc;
+  REGFUSE_HOST_DEVICE static State init() { return Acc(0); }
+  REGFUSE_HOST_DEVICE static State add(State s, Acc x, Acc p) { return s + pow_value(abs_value(x), p); }
+  REGFUSE_HOST_DEVICE static State combine(State a, State b) { return a + b; }
+};
+
+template <typename Acc>
+struct NonzeroCount {  // kL0; NaN != 0 counts, as in torch
+  using State = Acc;
+  REGFUSE_HOST_DEVICE static State init() { return Acc(0); }
+  REGFUSE_HOST_DEVICE static State add(State s, Acc x, Acc) { return s + (x != Acc(0) ? Acc(1) : Acc(0)); }
   REGFUSE_HOST_DEVICE static State combine(State a, State b) { return a + b; }
 };
 
@@ -97,8 +128,16 @@ template <typename Acc>
 struct AbsMax {  // kInf; 0 (the identity, as |x| >= 0) for an empty tensor
   using State = Acc;
   REGFUSE_HOST_DEVICE static State init() { return Acc(0); }
-  REGFUSE_HOST_DEVICE static State add(State s, Acc x) { return nan_max(s, abs_value(x)); }
+  REGFUSE_HOST_DEVICE static State add(State s, Acc x, Acc) { return nan_max(s, abs_value(x)); }
   REGFUSE_HOST_DEVICE static State combine(State a, State b) { return nan_max(a, b); }
+};
+
+template <typename Acc>
+struct AbsMin {  // kNegInf; +inf (the identity of min) for an empty tensor
+  using State = Acc;
+  REGFUSE_HOST_DEVICE static State init() { return infinity<Acc>(); }
+  REGFUSE_HOST_DEVICE static State add(State s, Acc x, Acc) { return nan_min(s, abs_value(x)); }
+  REGFUSE_HOST_DEVICE static State combine(State a, State b) { return nan_min(a, b); }
 };
 
 template <typename Acc>
@@ -111,7 +150,7 @@ template <typename Acc>
 struct AbsAndSquareSum {  // kPenalty
   using State = AbsAndSquare<Acc>;
   REGFUSE_HOST_DEVICE static State init() { return {Acc(0), Acc(0)}; }
-  REGFUSE_HOST_DEVICE static State add(State s, Acc x) {
+  REGFUSE_HOST_DEVICE static State add(State s, Acc x, Acc) {
     return {s.abs_sum + abs_value(x), s.square_sum + x * x};
   }
   REGFUSE_HOST_DEVICE static State combine(State a, State b) {

@@ -14,6 +14,9 @@ enum Reduction : int {
   kSq = 2,       // per tensor: sum x^2
   kInf = 3,      // per tensor: max |x| (NaN if any NaN), 0 for an empty tensor
   kPenalty = 4,  // scalar: sum_i w[0][i] * sum|x_i| + w[1][i] * sum x_i^2
+  kLp = 5,       // per tensor: (sum |x|^p)^(1/p) for a finite p > 0 passed with the op
+  kL0 = 6,       // per tensor: the number of x != 0 (NaN counts)
+  kNegInf = 7,   // per tensor: min |x| (NaN if any NaN), +inf for an empty tensor
 };
 
 // Element types; values shared with regfuse/backends/base.py::DTypeCode.

@@ -66,17 +66,31 @@ void for_each_chunk(const int64_t* meta, const MetaLayout& layout, const F& f) {
   });
 }
 
-// What one chunk contributes: `first` is sum|x|, sum x^2 or max|x| by op; `second` is
-// sum x^2 for kPenalty (whose `first` is sum|x|).
+// What one chunk contributes: `first` is sum|x|, sum x^2, sum|x|^p, the count of
+// nonzeros, max|x| or min|x| by op; `second` is sum x^2 for kPenalty (whose `first` is
+// sum|x|) and the NaN count for kInf / kNegInf.
 struct Partial {
   double first = 0;
   double second = 0;
 };
 
+// The value of `first` over no element: 0 for sums and for max|x| (|x| >= 0), +inf for min|x|.
+template <int kOp>
+constexpr double first_identity() {
+  return kOp == kNegInf ? std::numeric_limits<double>::infinity() : 0.0;
+}
+
+template <int kOp>
+inline Partial initial_partial() {
+  return Partial{first_identity<kOp>(), 0.0};
+}
+
 template <int kOp>
 inline void fold(Partial& p, double first, double second) {
   if constexpr (kOp == kInf) {
     p.first = std::max(p.first, first);
+  } else if constexpr (kOp == kNegInf) {
+    p.first = std::min(p.first, first);
   } else {
     p.first += first;
   }
@@ -113,22 +127,22 @@ bool cpu_has_avx2() {
 }
 
 template <int kOp, typename Lane, typename T>
-Partial reduce_chunk(const T* x, int64_t n) {
+Partial reduce_chunk(const T* x, int64_t n, Lane p) {
 #ifdef REGFUSE_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return avx2::reduce_chunk<kOp, Lane>(x, n);
+  if (cpu_has_avx2()) return avx2::reduce_chunk<kOp, Lane>(x, n, p);
 #endif
-  return baseline::reduce_chunk<kOp, Lane>(x, n);
+  return baseline::reduce_chunk<kOp, Lane>(x, n, p);
 }
 
 template <int kOp, typename Acc>
-std::vector<Partial> chunk_partials(const int64_t* meta, const MetaLayout& layout) {
+std::vector<Partial> chunk_partials(const int64_t* meta, const MetaLayout& layout, Acc p) {
   std::vector<Partial> partials(layout.num_chunks);
   const int64_t* ptrs = meta + layout.ptrs();
   const int64_t* dtypes = meta + layout.dtypes();
   for_each_chunk(meta, layout, [&](int64_t c, int64_t i, int64_t start, int64_t len) {
     dispatch_dtype(dtypes[i], [&](auto tag) {
       using T = decltype(tag);
-      partials[c] = reduce_chunk<kOp, Acc>(reinterpret_cast<const T*>(ptrs[i]) + start, len);
+      partials[c] = reduce_chunk<kOp, Acc>(reinterpret_cast<const T*>(ptrs[i]) + start, len, p);
     });
   });
   return partials;
@@ -138,22 +152,24 @@ std::vector<Partial> chunk_partials(const int64_t* meta, const MetaLayout& layou
 // for kPenalty, their weighted sum) as Acc.
 template <int kOp, typename Acc>
 void finish(const int64_t* meta, const MetaLayout& layout, const std::vector<Partial>& partials,
-            const Acc* weights, Acc* out) {
+            const Acc* weights, double p, Acc* out) {
   const int64_t n = layout.num_tensors;
   const int64_t* chunk_offsets = meta + layout.chunk_offsets();
   double penalty = 0;
   for (int64_t i = 0; i < n; ++i) {
-    Partial total;
+    Partial total = initial_partial<kOp>();
     for (int64_t c = chunk_offsets[i]; c < chunk_offsets[i + 1]; ++c)
       fold<kOp>(total, partials[c].first, partials[c].second);
     if constexpr (kOp == kPenalty) {
       // Weights are stored as Acc; the product is rounded like the reference's Acc math.
       penalty += static_cast<double>(weights[i] * static_cast<Acc>(total.first) +
                                      weights[n + i] * static_cast<Acc>(total.second));
-    } else if constexpr (kOp == kInf) {
+    } else if constexpr (kOp == kInf || kOp == kNegInf) {
       out[i] = total.second > 0 ? std::numeric_limits<Acc>::quiet_NaN() : static_cast<Acc>(total.first);
     } else if constexpr (kOp == kL2) {
       out[i] = static_cast<Acc>(std::sqrt(total.first));
+    } else if constexpr (kOp == kLp) {
+      out[i] = static_cast<Acc>(std::pow(total.first, 1.0 / p));
     } else {
       out[i] = static_cast<Acc>(total.first);
     }
@@ -163,22 +179,24 @@ void finish(const int64_t* meta, const MetaLayout& layout, const std::vector<Par
 
 template <int kOp>
 void reduce_op(const int64_t* meta, const MetaLayout& layout, const void* weights, bool acc_double,
-               void* out) {
+               double p, void* out) {
   dispatch_acc(acc_double, [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
-    const std::vector<Partial> partials = chunk_partials<kOp, Acc>(meta, layout);
-    finish<kOp>(meta, layout, partials, static_cast<const Acc*>(weights), static_cast<Acc*>(out));
+    const std::vector<Partial> partials = chunk_partials<kOp, Acc>(meta, layout, static_cast<Acc>(p));
+    finish<kOp>(meta, layout, partials, static_cast<const Acc*>(weights), p, static_cast<Acc*>(out));
   });
 }
 
 // Applies `op(x, i) -> Acc` to every element of every tensor, writing the rounded result
-// to `dest(i)` (same dtype as x), either replacing it or adding to it.
-template <typename Acc, typename Op, typename Dest>
+// to `dest(i)` (same dtype as x), either replacing it or adding to it. Tensors for which
+// `skip(i)` holds are not touched.
+template <typename Acc, typename Op, typename Dest, typename Skip>
 void map_elements(const int64_t* meta, const MetaLayout& layout, bool accumulate, const Op& op,
-                  const Dest& dest) {
+                  const Dest& dest, const Skip& skip) {
   const int64_t* ptrs = meta + layout.ptrs();
   const int64_t* dtypes = meta + layout.dtypes();
   for_each_chunk(meta, layout, [&](int64_t, int64_t i, int64_t start, int64_t len) {
+    if (skip(i)) return;
     dispatch_dtype(dtypes[i], [&](auto tag) {
       using T = decltype(tag);
       const T* x = reinterpret_cast<const T*>(ptrs[i]) + start;
@@ -193,16 +211,21 @@ void map_elements(const int64_t* meta, const MetaLayout& layout, bool accumulate
   });
 }
 
+constexpr auto kTouchAll = [](int64_t) { return false; };
+
 }  // namespace
 
 void reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights, bool acc_double,
-            void* out) {
+            double p, void* out) {
   switch (op) {
-    case kL1: return reduce_op<kL1>(meta, layout, weights, acc_double, out);
-    case kL2: return reduce_op<kL2>(meta, layout, weights, acc_double, out);
-    case kSq: return reduce_op<kSq>(meta, layout, weights, acc_double, out);
-    case kInf: return reduce_op<kInf>(meta, layout, weights, acc_double, out);
-    case kPenalty: return reduce_op<kPenalty>(meta, layout, weights, acc_double, out);
+    case kL1: return reduce_op<kL1>(meta, layout, weights, acc_double, p, out);
+    case kL2: return reduce_op<kL2>(meta, layout, weights, acc_double, p, out);
+    case kSq: return reduce_op<kSq>(meta, layout, weights, acc_double, p, out);
+    case kInf: return reduce_op<kInf>(meta, layout, weights, acc_double, p, out);
+    case kPenalty: return reduce_op<kPenalty>(meta, layout, weights, acc_double, p, out);
+    case kLp: return reduce_op<kLp>(meta, layout, weights, acc_double, p, out);
+    case kL0: return reduce_op<kL0>(meta, layout, weights, acc_double, p, out);
+    case kNegInf: return reduce_op<kNegInf>(meta, layout, weights, acc_double, p, out);
   }
 }
 
@@ -215,7 +238,7 @@ void backward(const int64_t* meta, MetaLayout layout, const void* scales, bool a
     const Acc* b = a + n;
     auto grad = [&](Acc x, int64_t i) { return grad_term(x, a[i], b[i]); };
     auto dest = [&](int64_t i) { return reinterpret_cast<void*>(out_ptrs[i]); };
-    map_elements<Acc>(meta, layout, accumulate, grad, dest);
+    map_elements<Acc>(meta, layout, accumulate, grad, dest, kTouchAll);
   });
 }
 
@@ -226,7 +249,20 @@ void prox_l1(const int64_t* meta, MetaLayout layout, const void* thresholds, boo
     const Acc* t = static_cast<const Acc*>(thresholds);
     auto shrink = [&](Acc x, int64_t i) { return soft_threshold(x, t[i]); };
     auto dest = [&](int64_t i) { return reinterpret_cast<void*>(ptrs[i]); };
-    map_elements<Acc>(meta, layout, false, shrink, dest);
+    map_elements<Acc>(meta, layout, false, shrink, dest, kTouchAll);
+  });
+}
+
+void scale(const int64_t* meta, MetaLayout layout, const void* factors, bool acc_double) {
+  const int64_t* ptrs = meta + layout.ptrs();
+  dispatch_acc(acc_double, [&](auto acc_tag) {
+    using Acc = decltype(acc_tag);
+    const Acc* f = static_cast<const Acc*>(factors);
+    auto times = [&](Acc x, int64_t i) { return x * f[i]; };
+    auto dest = [&](int64_t i) { return reinterpret_cast<void*>(ptrs[i]); };
+    // x * 1 is x, bit for bit: an unclipped gradient is read by nobody and written by nobody.
+    auto unchanged = [&](int64_t i) { return f[i] == Acc(1); };
+    map_elements<Acc>(meta, layout, false, times, dest, unchanged);
   });
 }
 

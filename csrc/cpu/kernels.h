@@ -1,4 +1,4 @@
-// regfuse CPU kernels: the three operations of the CUDA launchers (cuda/launchers.h), over
+// regfuse CPU kernels: the operations of the CUDA launchers (cuda/launchers.h), over
 // the same metadata, run on the host; backward takes per-tensor output pointers instead
 // of CUDA's flat buffers. No torch types in the interface; the binding owns allocation
 // and validation.
@@ -17,9 +17,9 @@ namespace cpu {
 constexpr int64_t kChunkSize = 32768;
 
 // out: (n,) per-tensor results, or one scalar for kPenalty (weights: (2, n) row-major).
-// Both in double when acc_double, else float.
+// Both in double when acc_double, else float. p: the order of kLp, ignored by other ops.
 void reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights, bool acc_double,
-            void* out);
+            double p, void* out);
 
 // Element x of tensor i gets scales[i] * sign(x) + scales[n + i] * x, written to (or,
 // with accumulate, added to) the tensor of the same shape and dtype at out_ptrs[i]
@@ -29,6 +29,9 @@ void backward(const int64_t* meta, MetaLayout layout, const void* scales, bool a
 
 // In place x = sign(x) * max(|x| - thresholds[i], 0); NaN stays NaN.
 void prox_l1(const int64_t* meta, MetaLayout layout, const void* thresholds, bool acc_double);
+
+// In place x = x * factors[i] (factors: (n,)); tensors whose factor is 1 are not touched.
+void scale(const int64_t* meta, MetaLayout layout, const void* factors, bool acc_double);
 
 }  // namespace cpu
 }  // namespace regfuse

@@ -1,7 +1,8 @@
 // The inner loop of the CPU reductions, included by kernels.cpp once per instruction set
 // (no include guard on purpose): inside namespace REGFUSE_CPU_ISA, with vectors of
 // REGFUSE_VECTOR_BYTES bytes, under whatever `#pragma GCC target` precedes the include.
-// Only the caller's Partial, fold and kBlock are used from outside.
+// Only the caller's Partial, first_identity, initial_partial, fold and kBlock are used
+// from outside.
 
 namespace REGFUSE_CPU_ISA {
 
@@ -35,17 +36,29 @@ inline V select(M mask, V a, V b) {
   }
 }
 
-// One step for a scalar or for every lane of a vector V at once.
-template <int kOp, typename V>
-inline void accumulate(V& first, V& second, V v) {
+// One step for a scalar or for every lane of a vector V at once; `p` is kLp's order.
+template <int kOp, typename V, typename Lane>
+inline void accumulate(V& first, V& second, V v, Lane p) {
   if constexpr (kOp == kL1) {
     first += abs_of(v);
   } else if constexpr (kOp == kL2 || kOp == kSq) {
     first += v * v;
-  } else if constexpr (kOp == kInf) {
+  } else if constexpr (kOp == kInf || kOp == kNegInf) {
     const V a = abs_of(v);
-    first = select(a > first, a, first);
-    second += select(v != v, V{} + 1, V{});  // NaN count: max() alone would drop a NaN
+    if constexpr (kOp == kInf) {
+      first = select(a > first, a, first);
+    } else {
+      first = select(a < first, a, first);
+    }
+    second += select(v != v, V{} + 1, V{});  // NaN count: max() / min() alone would drop a NaN
+  } else if constexpr (kOp == kL0) {
+    first += select(v != V{}, V{} + 1, V{});  // NaN != 0: counted, as torch counts it
+  } else if constexpr (kOp == kLp) {
+    if constexpr (std::is_floating_point_v<V>) {
+      first += std::pow(std::abs(v), p);
+    } else {  // no vector pow without a vector math library: one lane at a time
+      for (size_t j = 0; j < sizeof(V) / sizeof(Lane); ++j) first[j] += std::pow(std::abs(v[j]), p);
+    }
   } else {
     first += abs_of(v);
     second += v * v;
@@ -72,28 +85,30 @@ inline V load_lanes(const T* x) {
 // Lane is the accumulation type: float keeps float32 lists at float32 speed, double
 // (any float64 in the list) gives every tensor of the list float64 sums.
 template <int kOp, typename Lane, typename T>
-Partial reduce_chunk(const T* x, int64_t n) {
+Partial reduce_chunk(const T* x, int64_t n, Lane p) {
   typedef Lane V __attribute__((vector_size(kVectorBytes)));
   constexpr int64_t kWidth = kVectorBytes / sizeof(Lane);
   constexpr int64_t kStep = kWidth * kUnroll;
   static_assert(kBlock % kStep == 0, "a block is a whole number of steps");
-  Partial p;
+  const Lane identity = static_cast<Lane>(first_identity<kOp>());
+  Partial partial = initial_partial<kOp>();
   for (int64_t block = 0; block < n; block += kBlock) {
     const T* xb = x + block;
     const int64_t len = std::min(kBlock, n - block);
-    V first[kUnroll] = {}, second[kUnroll] = {};
+    V first[kUnroll], second[kUnroll] = {};
+    for (int u = 0; u < kUnroll; ++u) first[u] = V{} + identity;
     int64_t k = 0;
     for (; k + kStep <= len; k += kStep) {
       for (int u = 0; u < kUnroll; ++u)
-        accumulate<kOp>(first[u], second[u], load_lanes<Lane, T, V>(xb + k + u * kWidth));
+        accumulate<kOp>(first[u], second[u], load_lanes<Lane, T, V>(xb + k + u * kWidth), p);
     }
-    Lane first_tail = 0, second_tail = 0;
-    for (; k < len; ++k) accumulate<kOp>(first_tail, second_tail, static_cast<Lane>(xb[k]));
+    Lane first_tail = identity, second_tail = 0;
+    for (; k < len; ++k) accumulate<kOp>(first_tail, second_tail, static_cast<Lane>(xb[k]), p);
     for (int u = 0; u < kUnroll; ++u)
-      for (int64_t j = 0; j < kWidth; ++j) fold<kOp>(p, first[u][j], second[u][j]);
-    fold<kOp>(p, first_tail, second_tail);
+      for (int64_t j = 0; j < kWidth; ++j) fold<kOp>(partial, first[u][j], second[u][j]);
+    fold<kOp>(partial, first_tail, second_tail);
   }
-  return p;
+  return partial;
 }
 
 }  // namespace REGFUSE_CPU_ISA

@@ -1,4 +1,4 @@
-// regfuse CUDA kernels: the three launchers of launchers.h.
+// regfuse CUDA kernels: the launchers of launchers.h.
 //
 // Every kernel walks the multi-tensor table of regfuse.h: one block per chunk of
 // kChunkSize elements, the block reading its tensor index, chunk start, data pointer,
@@ -119,13 +119,14 @@ __device__ __forceinline__ void store_vec(T* base, int64_t k, const Vec<T>& v) {
 // Visits this thread's share of a chunk of `count` elements: body(k) for each 16-byte
 // vector k (elements [k * kSize, (k + 1) * kSize)), then body_scalar(e) for each element
 // e past the last whole vector; every element goes through body_scalar when !vectorized
-// (a misaligned pointer). Threads take consecutive vectors, so warps load coalesced.
-template <typename T, typename VecBody, typename ScalarBody>
+// (a misaligned pointer). Threads take consecutive vectors, so warps load coalesced;
+// kUnroll vectors are in flight per thread.
+template <typename T, int kUnroll = 4, typename VecBody, typename ScalarBody>
 __device__ __forceinline__ void for_chunk_elements(int64_t count, bool vectorized,
                                                    VecBody&& body, ScalarBody&& body_scalar) {
   constexpr int kSize = Vec<T>::kSize;
   const int64_t num_vecs = vectorized ? count / kSize : 0;
-#pragma unroll 4
+#pragma unroll kUnroll
   for (int64_t k = threadIdx.x; k < num_vecs; k += blockDim.x) body(k);
   for (int64_t e = num_vecs * kSize + threadIdx.x; e < count; e += blockDim.x) body_scalar(e);
 }
@@ -184,46 +185,65 @@ __device__ __forceinline__ Acc chunk_partial(AbsAndSquare<Acc> s, const Acc* wei
 // ---------------------------------------------------------------------------------------
 // Reduction kernels
 
-// Stage 1: partials[c] = the Reducer over the elements of chunk c.
+// Vectors in flight per thread in stage 1. PowSum's pow() is arithmetic-bound and, in
+// double, needs every register an unrolled loop would hold (unrolled, it spills).
+template <typename Reducer>
+struct StageOneUnroll {
+  static constexpr int value = 4;
+};
+template <typename Acc>
+struct StageOneUnroll<PowSum<Acc>> {
+  static constexpr int value = 1;
+};
+
+// Stage 1: partials[c] = the Reducer over the elements of chunk c (p: kLp's order).
 template <typename Acc, typename Reducer>
 __global__ void __launch_bounds__(kChunkThreads)
-reduce_chunks_kernel(Table table, const Acc* weights, Acc* partials) {
+reduce_chunks_kernel(Table table, const Acc* weights, Acc p, Acc* partials) {
   for (int64_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
     const Chunk chunk = read_chunk(table, c);
     typename Reducer::State s = Reducer::init();
     visit_dtype(chunk.dtype, [&](auto tag) {
       using T = decltype(tag);
       const T* base = static_cast<const T*>(chunk.data) + chunk.start;
-      for_chunk_elements<T>(
+      for_chunk_elements<T, StageOneUnroll<Reducer>::value>(
           chunk.count, aligned16(base),
           [&](int64_t k) {
             const Vec<T> v = load_vec(base, k);
 #pragma unroll
             for (int j = 0; j < Vec<T>::kSize; ++j)
-              s = Reducer::add(s, static_cast<Acc>(Load<T>::apply(&v.elem[j])));
+              s = Reducer::add(s, static_cast<Acc>(Load<T>::apply(&v.elem[j])), p);
           },
-          [&](int64_t e) { s = Reducer::add(s, static_cast<Acc>(Load<T>::apply(base + e))); });
+          [&](int64_t e) { s = Reducer::add(s, static_cast<Acc>(Load<T>::apply(base + e)), p); });
     });
     s = block_reduce<Reducer>(s);
     if (threadIdx.x == 0) partials[c] = chunk_partial(s, weights, chunk.tensor, table.num_tensors);
   }
 }
 
+// How a per-tensor result is finished: as combined, its square root (kL2) or its p-th
+// root (kLp).
+enum class Root { kNone, kSqrt, kPth };
+
 // Stage 2 for per-tensor ops: one warp per tensor combines its chunks' partials (lane l
-// takes chunks l, l + 32, ... in order, then a fixed shuffle tree). kSqrt finishes kL2.
-template <typename Acc, typename Reducer, bool kSqrt>
+// takes chunks l, l + 32, ... in order, then a fixed shuffle tree).
+template <typename Acc, typename Reducer, Root kRoot>
 __global__ void __launch_bounds__(kFinishThreads)
-finish_per_tensor_kernel(Table table, const Acc* partials, Acc* out) {
+finish_per_tensor_kernel(Table table, const Acc* partials, Acc p, Acc* out) {
   const int64_t warps_per_block = blockDim.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t i = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; i < table.num_tensors;
        i += static_cast<int64_t>(gridDim.x) * warps_per_block) {
     const int64_t first = table.chunk_offsets[i];
     const int64_t last = table.chunk_offsets[i + 1];
-    Acc s = Reducer::init();  // an empty tensor owns no chunk and gets 0
+    Acc s = Reducer::init();  // an empty tensor owns no chunk and gets the identity
     for (int64_t c = first + lane; c < last; c += kWarpSize) s = Reducer::combine(s, partials[c]);
     s = warp_reduce<Reducer>(s);
-    if (lane == 0) out[i] = kSqrt ? sqrt(s) : s;
+    if (lane == 0) {
+      if (kRoot == Root::kSqrt) s = sqrt(s);
+      if (kRoot == Root::kPth) s = pow_value(s, Acc(1) / p);
+      out[i] = s;
+    }
   }
 }
 
@@ -256,7 +276,23 @@ struct ProxL1Op {
     return {thresholds[i], Acc(0)};
   }
   template <typename Acc>
+  __device__ static bool is_identity(Coeffs<Acc>) { return false; }  // soft_threshold(-0, 0) is +0
+  template <typename Acc>
   __device__ static Acc apply(Coeffs<Acc> c, Acc x, Acc) { return soft_threshold(x, c.a); }
+};
+
+// Element x of tensor i becomes x * factors[i] (factors: (n,)); a tensor whose factor is
+// 1 is left alone (x * 1 is x, bit for bit), so an unclipped gradient costs no traffic.
+struct ScaleOp {
+  static constexpr bool kReadsOutput = false;
+  template <typename Acc>
+  __device__ static Coeffs<Acc> coeffs(const Acc* factors, int64_t i, int64_t) {
+    return {factors[i], Acc(0)};
+  }
+  template <typename Acc>
+  __device__ static bool is_identity(Coeffs<Acc> c) { return c.a == Acc(1); }
+  template <typename Acc>
+  __device__ static Acc apply(Coeffs<Acc> c, Acc x, Acc) { return x * c.a; }
 };
 
 // Element x of tensor i gets grad_term(x, scales[i], scales[n + i]), added to the old
@@ -268,6 +304,8 @@ struct GradTermOp {
   __device__ static Coeffs<Acc> coeffs(const Acc* scales, int64_t i, int64_t n) {
     return {scales[i], scales[n + i]};
   }
+  template <typename Acc>
+  __device__ static bool is_identity(Coeffs<Acc>) { return false; }
   template <typename Acc>
   __device__ static Acc apply(Coeffs<Acc> c, Acc x, Acc old) {
     const Acc term = grad_term(x, c.a, c.b);
@@ -294,6 +332,7 @@ elementwise_kernel(Table table, const Acc* coeff_table, const int64_t* out_ptrs,
   for (int64_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
     const Chunk chunk = read_chunk(table, c);
     const Coeffs<Acc> coeffs = Op::coeffs(coeff_table, chunk.tensor, table.num_tensors);
+    if (Op::is_identity(coeffs)) continue;  // the same for the whole block: no divergence
     visit_dtype(chunk.dtype, [&](auto tag) {
       using T = decltype(tag);
       const T* in = static_cast<const T*>(chunk.data) + chunk.start;
@@ -329,32 +368,35 @@ const char* last_launch_error() {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-template <typename Acc, typename Reducer, bool kSqrt = false>
-void launch_per_tensor(const Table& table, Acc* partials, Acc* out, cudaStream_t stream) {
+template <typename Acc, typename Reducer, Root kRoot = Root::kNone>
+void launch_per_tensor(const Table& table, Acc p, Acc* partials, Acc* out, cudaStream_t stream) {
   if (table.num_chunks > 0) {
     reduce_chunks_kernel<Acc, Reducer>
-        <<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(table, nullptr, partials);
+        <<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(table, nullptr, p, partials);
   }
   if (table.num_tensors > 0) {
     const int64_t warps_per_block = kFinishThreads / kWarpSize;
     const int64_t blocks = (table.num_tensors + warps_per_block - 1) / warps_per_block;
-    finish_per_tensor_kernel<Acc, Reducer, kSqrt>
-        <<<grid_for(blocks), kFinishThreads, 0, stream>>>(table, partials, out);
+    finish_per_tensor_kernel<Acc, Reducer, kRoot>
+        <<<grid_for(blocks), kFinishThreads, 0, stream>>>(table, partials, p, out);
   }
 }
 
 template <typename Acc>
-void launch_reduce(const Table& table, int op, const Acc* weights, Acc* partials, Acc* out,
+void launch_reduce(const Table& table, int op, const Acc* weights, Acc p, Acc* partials, Acc* out,
                    cudaStream_t stream) {
   switch (op) {
-    case kL1: launch_per_tensor<Acc, AbsSum<Acc>>(table, partials, out, stream); break;
-    case kL2: launch_per_tensor<Acc, SquareSum<Acc>, true>(table, partials, out, stream); break;
-    case kSq: launch_per_tensor<Acc, SquareSum<Acc>>(table, partials, out, stream); break;
-    case kInf: launch_per_tensor<Acc, AbsMax<Acc>>(table, partials, out, stream); break;
+    case kL1: launch_per_tensor<Acc, AbsSum<Acc>>(table, p, partials, out, stream); break;
+    case kL2: launch_per_tensor<Acc, SquareSum<Acc>, Root::kSqrt>(table, p, partials, out, stream); break;
+    case kSq: launch_per_tensor<Acc, SquareSum<Acc>>(table, p, partials, out, stream); break;
+    case kInf: launch_per_tensor<Acc, AbsMax<Acc>>(table, p, partials, out, stream); break;
+    case kLp: launch_per_tensor<Acc, PowSum<Acc>, Root::kPth>(table, p, partials, out, stream); break;
+    case kL0: launch_per_tensor<Acc, NonzeroCount<Acc>>(table, p, partials, out, stream); break;
+    case kNegInf: launch_per_tensor<Acc, AbsMin<Acc>>(table, p, partials, out, stream); break;
     case kPenalty:
       if (table.num_chunks > 0) {
         reduce_chunks_kernel<Acc, AbsAndSquareSum<Acc>>
-            <<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(table, weights, partials);
+            <<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(table, weights, p, partials);
       }
       // Also for an all-empty list: out[0] = 0.
       finish_penalty_kernel<Acc><<<1, kPenaltyThreads, 0, stream>>>(table.num_chunks, partials, out);
@@ -378,15 +420,15 @@ size_t reduce_workspace_bytes(const MetaLayout& layout, bool acc_double) {
 }
 
 const char* reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights,
-                   bool acc_double, void* workspace, void* out, void* stream) {
+                   bool acc_double, double p, void* workspace, void* out, void* stream) {
   const Table table = make_table(meta, layout);
   const auto s = static_cast<cudaStream_t>(stream);
   if (acc_double) {
-    launch_reduce(table, op, static_cast<const double*>(weights), static_cast<double*>(workspace),
+    launch_reduce(table, op, static_cast<const double*>(weights), p, static_cast<double*>(workspace),
                   static_cast<double*>(out), s);
   } else {
-    launch_reduce(table, op, static_cast<const float*>(weights), static_cast<float*>(workspace),
-                  static_cast<float*>(out), s);
+    launch_reduce(table, op, static_cast<const float*>(weights), static_cast<float>(p),
+                  static_cast<float*>(workspace), static_cast<float*>(out), s);
   }
   return last_launch_error();
 }
@@ -417,19 +459,30 @@ const char* backward(const int64_t* meta, MetaLayout layout, const void* scales,
   return last_launch_error();
 }
 
-const char* prox_l1(const int64_t* meta, MetaLayout layout, const void* thresholds,
-                    bool acc_double, void* stream) {
+// In place: each tensor is its own destination. Every thread reads its elements before
+// it writes them, at the same addresses, so no element is read after another thread
+// wrote it.
+template <typename Op>
+const char* update_in_place(const int64_t* meta, MetaLayout layout, const void* per_tensor,
+                            bool acc_double, void* stream) {
   const Table table = make_table(meta, layout);
   const auto s = static_cast<cudaStream_t>(stream);
-  // In place: each tensor is its own destination.
   if (acc_double) {
-    launch_elementwise<ProxL1Op>(table, static_cast<const double*>(thresholds), table.ptrs,
-                                 FlatOutputs{}, s);
+    launch_elementwise<Op>(table, static_cast<const double*>(per_tensor), table.ptrs, FlatOutputs{}, s);
   } else {
-    launch_elementwise<ProxL1Op>(table, static_cast<const float*>(thresholds), table.ptrs,
-                                 FlatOutputs{}, s);
+    launch_elementwise<Op>(table, static_cast<const float*>(per_tensor), table.ptrs, FlatOutputs{}, s);
   }
   return last_launch_error();
+}
+
+const char* prox_l1(const int64_t* meta, MetaLayout layout, const void* thresholds,
+                    bool acc_double, void* stream) {
+  return update_in_place<ProxL1Op>(meta, layout, thresholds, acc_double, stream);
+}
+
+const char* scale(const int64_t* meta, MetaLayout layout, const void* factors, bool acc_double,
+                  void* stream) {
+  return update_in_place<ScaleOp>(meta, layout, factors, acc_double, stream);
 }
 
 }  // namespace cuda

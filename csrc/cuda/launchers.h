@@ -23,12 +23,13 @@ size_t reduce_workspace_bytes(const MetaLayout& layout, bool acc_double);
 // Reductions (enum Reduction in regfuse.h) over every tensor of the list.
 //   meta:      device int64 buffer laid out as MetaLayout `layout` (chunk_size == kChunkSize)
 //   weights:   kPenalty only, (2, n) row-major in the accumulation dtype; else nullptr
+//   p:         the order of kLp (a finite p > 0); ignored by the other ops
 //   out:       (n,) per-tensor results, or one scalar for kPenalty, accumulation dtype
 //   workspace: reduce_workspace_bytes(layout, acc_double) bytes of device scratch
 // The accumulation dtype is double when acc_double, else float. Partial sums are combined
 // in a fixed order: the same input gives bitwise the same output.
 const char* reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights,
-                   bool acc_double, void* workspace, void* out, void* stream);
+                   bool acc_double, double p, void* workspace, void* out, void* stream);
 
 // Element x of tensor i gets  scales[i] * sign(x) + scales[n + i] * x  (scales: (2, n)
 // row-major, accumulation dtype), computed in the accumulation dtype and rounded once.
@@ -42,6 +43,11 @@ const char* backward(const int64_t* meta, MetaLayout layout, const void* scales,
 // In place x = sign(x) * max(|x| - thresholds[i], 0); NaN stays NaN.
 const char* prox_l1(const int64_t* meta, MetaLayout layout, const void* thresholds,
                     bool acc_double, void* stream);
+
+// In place x = x * factors[i] (factors: (n,), accumulation dtype), rounded once; a tensor
+// whose factor is exactly 1 is not read or written.
+const char* scale(const int64_t* meta, MetaLayout layout, const void* factors, bool acc_double,
+                  void* stream);
 
 }  // namespace cuda
 }  // namespace regfuse

@@ -8,8 +8,11 @@ autograd, non-contiguous inputs, ``None`` gradients) is handled once in
 entries in the registry (:mod:`regfuse.backends`).
 
 The per-element maths of every op is ``a_i * sign(x) + b_i * x`` (gradients) or a sum
-of ``|x|`` / ``x**2`` / ``max |x|`` (reductions); the per-tensor scalars ``a_i``, ``b_i``
-are derived by :func:`grad_scales`, which the compiled backends mirror.
+of ``|x|`` / ``x**2`` / ``|x|**p`` / ``x != 0``, or ``max |x|`` / ``min |x|``
+(reductions); the per-tensor scalars ``a_i``, ``b_i`` are derived by
+:func:`grad_scales`, which the compiled backends mirror. The norms whose gradient is not
+of that form (``LP``, ``INF``, ``NEG_INF``, ``L0``) are differentiated with PyTorch ops
+in :mod:`regfuse.ops`.
 """
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ class Reduction(enum.IntEnum):
     SQ = 2  # per tensor: sum x**2
     INF = 3  # per tensor: max |x| (NaN if any NaN); 0 for an empty tensor
     PENALTY = 4  # scalar: sum_i weights[0, i] * sum|x_i| + weights[1, i] * sum x_i**2
+    LP = 5  # per tensor: (sum |x|**p) ** (1 / p) for a finite p > 0 (p given apart)
+    L0 = 6  # per tensor: the number of x != 0 (NaN counts)
+    NEG_INF = 7  # per tensor: min |x| (NaN if any NaN); +inf for an empty tensor
 
 
 class DTypeCode(enum.IntEnum):
@@ -56,12 +62,13 @@ class Backend(Protocol):
         """``None`` if the backend can run on ``device`` here, else why not."""
 
     def reduce(self, tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
-               acc_dtype: torch.dtype) -> Tensor:
+               acc_dtype: torch.dtype, p: float = 0.0) -> Tensor:
         """Per-tensor reductions (shape ``(n,)``) or, for ``PENALTY``, a 0-d tensor.
 
         ``weights`` is ``None`` except for ``PENALTY``, where it is a ``(2, n)`` tensor of
         ``acc_dtype`` on the tensors' device: row 0 multiplies ``sum|x_i|``, row 1
-        multiplies ``sum x_i**2``. Result dtype is ``acc_dtype``. Partial sums are
+        multiplies ``sum x_i**2``. ``p`` is the order of ``LP`` (a finite ``p > 0``),
+        ignored by the other ops. Result dtype is ``acc_dtype``. Partial sums are
         combined in a fixed order, so the same input gives bitwise the same result.
         """
 
@@ -82,6 +89,14 @@ class Backend(Protocol):
         """In place ``x = sign(x) * max(|x| - thresholds[i], 0)``; NaN stays NaN.
 
         ``thresholds`` is a ``(n,)`` tensor of the accumulation dtype on the device.
+        """
+
+    def scale_(self, tensors: Sequence[Tensor], factors: Tensor) -> None:
+        """In place ``x = x * factors[i]``, computed in the accumulation dtype and rounded once.
+
+        ``factors`` is a ``(n,)`` tensor of the accumulation dtype on the device. A tensor
+        whose factor is exactly 1 may be left untouched (``x * 1`` is ``x``), which is
+        what makes an unclipped ``clip_grad_norm_`` cost one read of the gradients.
         """
 
 

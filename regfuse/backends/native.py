@@ -24,9 +24,9 @@ else:
 
 
 def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
-           acc_dtype: torch.dtype) -> Tensor:
+           acc_dtype: torch.dtype, p: float = 0.0) -> Tensor:
     return _C.reduce(tensors, int(op), weights, acc_dtype == torch.float64,
-                     *current_stream(tensors[0].device))
+                     *current_stream(tensors[0].device), p)
 
 
 def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
@@ -44,3 +44,7 @@ def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor, norms: 
 def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
     _C.prox_l1_(tensors, thresholds, thresholds.dtype == torch.float64,
                 *current_stream(tensors[0].device))
+
+
+def scale_(tensors: Sequence[Tensor], factors: Tensor) -> None:
+    _C.scale_(tensors, factors, factors.dtype == torch.float64, *current_stream(tensors[0].device))

@@ -5,6 +5,7 @@ Every operation here is differentiable, which is what double backward relies on.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -19,7 +20,8 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def _per_tensor(tensors: Sequence[Tensor], op: Reduction, acc_dtype: torch.dtype) -> Tensor:
+def _per_tensor(tensors: Sequence[Tensor], op: Reduction, acc_dtype: torch.dtype,
+                p: float = 0.0) -> Tensor:
     flat = [t.reshape(-1).to(acc_dtype) for t in tensors]
     if op == Reduction.L1:
         return torch.stack([x.abs().sum() for x in flat])
@@ -34,17 +36,24 @@ def _per_tensor(tensors: Sequence[Tensor], op: Reduction, acc_dtype: torch.dtype
             torch.linalg.vector_norm(x, float("inf")) if x.numel() else x.new_zeros(())
             for x in flat
         ])
+    if op == Reduction.NEG_INF:
+        # min |x| of nothing is the identity of min, +inf (vector_norm refuses empty input).
+        return torch.stack([x.abs().amin() if x.numel() else x.new_full((), math.inf) for x in flat])
+    if op == Reduction.L0:
+        return torch.stack([(x != 0).sum().to(acc_dtype) for x in flat])
+    if op == Reduction.LP:
+        return torch.stack([x.abs().pow(p).sum().pow(1 / p) for x in flat])
     raise ValueError(f"unknown per-tensor reduction {op!r}")
 
 
 def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
-           acc_dtype: torch.dtype) -> Tensor:
+           acc_dtype: torch.dtype, p: float = 0.0) -> Tensor:
     if op == Reduction.PENALTY:
         assert weights is not None
         l1_sum = _per_tensor(tensors, Reduction.L1, acc_dtype)
         sq_sum = _per_tensor(tensors, Reduction.SQ, acc_dtype)
         return (weights[0] * l1_sum + weights[1] * sq_sum).sum()
-    return _per_tensor(tensors, op, acc_dtype)
+    return _per_tensor(tensors, op, acc_dtype, p)
 
 
 def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor,
@@ -67,12 +76,37 @@ def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
         x.copy_(torch.sign(acc) * torch.clamp_min(acc.abs() - thresholds[i], 0))
 
 
+def scale_(tensors: Sequence[Tensor], factors: Tensor) -> None:
+    for i, x in enumerate(tensors):
+        x.copy_(x.to(factors.dtype) * factors[i])
+
+
 def inf_norm_backward(tensors: Sequence[Tensor], norms: Tensor, grad_out: Tensor) -> list[Tensor]:
-    """Gradient of ``max|x|`` as torch gives it: shared evenly by the elements that attain it."""
+    """Gradient of ``max|x|`` (or ``min|x|``) as torch gives it: shared evenly by the
+    elements that attain it."""
     grads = []
     for i, x in enumerate(tensors):
         acc = x.to(norms.dtype)
         hits = (acc.abs() == norms[i]).to(acc.dtype)
         share = grad_out[i] / hits.sum().clamp_min(1)
         grads.append((torch.sign(acc) * hits * share).to(x.dtype))
+    return grads
+
+
+def lp_norm_backward(tensors: Sequence[Tensor], norms: Tensor, grad_out: Tensor, p: float) -> list[Tensor]:
+    """Gradient of ``(sum|x|**p) ** (1/p)``: ``sign(x) * |x|**(p-1) * norm**(1-p) * grad_out``.
+
+    0 where ``x`` is 0 and for a norm that is 0, as ``torch.linalg.vector_norm`` gives it.
+    The masked values go through safe stand-ins (``|x| = 1``, ``norm = 1``), so that a
+    double backward never meets ``0 * inf``.
+    """
+    is_zero = norms == 0
+    scale = torch.where(is_zero, 0, grad_out / torch.where(is_zero, 1, norms).pow(p - 1))
+    grads = []
+    for i, x in enumerate(tensors):
+        acc = x.to(norms.dtype)
+        zero = acc == 0
+        magnitude = torch.where(zero, 1, acc.abs())
+        term = torch.where(zero, 0, torch.sign(acc) * magnitude.pow(p - 1))
+        grads.append((term * scale[i]).to(x.dtype))
     return grads

@@ -42,10 +42,10 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
-           acc_dtype: torch.dtype) -> Tensor:
+           acc_dtype: torch.dtype, p: float = 0.0) -> Tensor:
     from ..triton import reduce as kernels
 
-    return kernels.reduce(tensors, op, weights, acc_dtype)
+    return kernels.reduce(tensors, op, weights, acc_dtype, p)
 
 
 def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor,
@@ -61,3 +61,9 @@ def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
     from ..triton import prox as kernels
 
     kernels.prox_l1_(tensors, thresholds)
+
+
+def scale_(tensors: Sequence[Tensor], factors: Tensor) -> None:
+    from ..triton import prox as kernels
+
+    kernels.scale_(tensors, factors)

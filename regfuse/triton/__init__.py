@@ -49,6 +49,9 @@ OP_L2 = tl.constexpr(int(Reduction.L2))
 OP_SQ = tl.constexpr(int(Reduction.SQ))
 OP_INF = tl.constexpr(int(Reduction.INF))
 OP_PENALTY = tl.constexpr(int(Reduction.PENALTY))
+OP_LP = tl.constexpr(int(Reduction.LP))
+OP_L0 = tl.constexpr(int(Reduction.L0))
+OP_NEG_INF = tl.constexpr(int(Reduction.NEG_INF))
 
 DTYPES_BY_CODE = {
     DTypeCode.FLOAT32: torch.float32,
