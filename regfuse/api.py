@@ -6,6 +6,8 @@ it raises), then hands one list to one backend call.
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -15,37 +17,59 @@ from . import backends, ops
 from .backends.base import Reduction
 from .device_cache import DeviceCache, upload
 from .distributed import SUM, dtensor_aware, norm_combination
-from .validation import _C, ListInfo, as_list, check_distinct, check_nonnegative, check_readable, inspect
+from .validation import (_C, ListInfo, as_list, check_distinct, check_max_norm, check_nonnegative,
+                         check_readable, inspect)
 
 TensorList = Union[Iterable[Tensor], Sequence[Tensor]]
 Coefficients = Optional[Union[Sequence[float], Tensor]]
 
-__all__ = ["norms", "penalty", "add_penalty_grad_", "prox_l1_", "available_backends"]
+__all__ = ["norms", "total_norm", "penalty", "add_penalty_grad_", "prox_l1_", "clip_grad_norm_",
+           "available_backends"]
 
 available_backends = backends.available_backends
 
 
-def _norm_reduction(p: float, squared: bool) -> Reduction:
-    if p == 2:
-        return Reduction.SQ if squared else Reduction.L2
+def _norm_order(p: float) -> float:
+    """``p`` as a float, if it is an order regfuse computes: > 0, 0, inf or -inf.
+
+    Anything ``float()`` accepts is taken, as ``torch.nn.utils.clip_grad_norm_`` takes
+    its ``norm_type`` (the string ``'inf'`` included). Negative finite orders are refused:
+    ``torch.linalg.vector_norm`` defines them, but their value is 0 as soon as one
+    element is 0, and their gradient is not defined there.
+    """
+    try:
+        order = float(p)
+    except (TypeError, ValueError):
+        order = math.nan
+    if math.isnan(order) or (order < 0 and order != -math.inf):
+        raise ValueError(f"regfuse: unsupported p={p!r}; expected a number > 0, 0, float('inf') "
+                         "or float('-inf')")
+    return order
+
+
+def _norm_reduction(p: float, squared: bool = False) -> tuple[Reduction, float]:
+    """The per-tensor reduction computing the ``p``-norm, and the checked order."""
+    order = _norm_order(p)
+    if order == 2:
+        return (Reduction.SQ if squared else Reduction.L2), order
     if squared:
-        raise ValueError(f"regfuse: squared=True needs p=2, got p={p}")
-    if p == 1:
-        return Reduction.L1
-    if p == math.inf:
-        return Reduction.INF
-    raise ValueError(f"regfuse: unsupported p={p}; expected 1, 2 or float('inf')")
+        raise ValueError(f"regfuse: squared=True needs p=2, got p={p!r}")
+    fast = {1.0: Reduction.L1, math.inf: Reduction.INF, -math.inf: Reduction.NEG_INF, 0.0: Reduction.L0}
+    return fast.get(order, Reduction.LP), order
 
 
 def _builds_graph(info: ListInfo) -> bool:
-    return (info.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()
+    """Whether a derivative must be recorded: autograd, the compiler, or a transform
+    (forward mode, ``torch.func``) whose tangents the kernels would not see."""
+    return ((info.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()
+            or ops.transforms_active())
 
 
 def _coefficients(coefficients: Coefficients, n: int) -> Optional[Tensor]:
     """The per-tensor coefficients as a checked ``(n,)`` tensor, or ``None`` for all ones.
 
-    Shape and dtype are always checked. The values (no negative number, no NaN) are
-    checked where that needs no GPU synchronization: a sequence of numbers (returned as
+    Shape and dtype are always checked. The values (no negative, infinite or NaN number)
+    are checked where that needs no GPU synchronization: a sequence of numbers (returned as
     a float64 CPU tensor, so that float64 lists get them exactly) and a CPU tensor. A
     tensor on a GPU is taken as it is, since reading it would make the host wait for the
     GPU; so is any tensor under ``torch.compile`` (the check would be a data-dependent
@@ -65,13 +89,14 @@ def _coefficients(coefficients: Coefficients, n: int) -> Optional[Tensor]:
     if c.is_complex() or not (c.is_floating_point() or c.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"regfuse: coefficients must be real numbers, got dtype {c.dtype}")
     if torch.compiler.is_compiling():
-        nonnegative = is_tensor or all(float(v) >= 0 for v in values)
+        valid = is_tensor or all(0 <= float(v) < math.inf for v in values)
     else:
         if not is_tensor:
             c = torch.as_tensor(values, dtype=torch.float64)
-        nonnegative = c.device.type != "cpu" or bool((c >= 0).all())  # also refuses NaN
-    if not nonnegative:
-        raise ValueError("regfuse: coefficients must be non-negative")
+        # (c >= 0) also refuses NaN; an infinite coefficient would turn a zero weight into NaN.
+        valid = c.device.type != "cpu" or bool(((c >= 0) & torch.isfinite(c)).all())
+    if not valid:
+        raise ValueError("regfuse: coefficients must be finite non-negative numbers")
     return c
 
 
@@ -104,7 +129,9 @@ def _weights(values: tuple, coefficients: Coefficients, n: int, info: ListInfo) 
     where it is (its values may change between calls, so it is never cached).
     """
     device, dtype = info.device, info.acc_dtype
-    if torch.compiler.is_compiling():  # traced into the graph: no cache
+    # No cache while tracing (traced into the graph), nor under a torch.func transform,
+    # where a new tensor is a wrapper of the current level that must not outlive it.
+    if torch.compiler.is_compiling() or ops.transforms_active():
         c = _coefficients(coefficients, n)
         rows = _rows(values, n, device, dtype)
         return rows if c is None else rows * c.to(device=device, dtype=dtype)
@@ -137,30 +164,108 @@ def norms(tensors: TensorList, p: float = 2, *, squared: bool = False, backend: 
     Args:
         tensors: tensors on one device (any mix of float32/float16/bfloat16/float64, any
             shapes, empty, 0-d and non-contiguous tensors included).
-        p: 1, 2 or ``float('inf')``.
+        p: the order, as ``torch.linalg.vector_norm`` takes it: any ``p > 0`` (1, 2 and
+            ``inf`` have their own kernels, every other ``p`` one general kernel), ``0``
+            (the number of nonzero elements) or ``float('-inf')`` (``min |x|``).
+            Negative finite orders and NaN raise ``ValueError``.
         squared: with ``p=2``, return ``sum(x**2)`` per tensor (gradient ``2x``).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
         A 1-D tensor of ``len(tensors)`` norms, float32 (float64 where any input is
-        float64), on the inputs' device; differentiable twice. The norm of an empty
-        tensor is 0. Same values as ``torch.stack([torch.linalg.vector_norm(t, p) ...])``
-        computed in the accumulation dtype.
+        float64), on the inputs' device; differentiable twice, in reverse and forward
+        mode (dual tensors, ``torch.func.jvp``). Same values as
+        ``torch.stack([torch.linalg.vector_norm(t, p) ...])`` computed in the
+        accumulation dtype. The norm of an empty tensor is 0, except for ``p=-inf``,
+        where it is ``inf`` (the identity of ``min``; ``vector_norm`` refuses both).
+        Gradients follow ``torch.linalg.vector_norm``: ``sign(x) |x|**(p-1) / ‖x‖**(p-1)``,
+        0 where ``x`` is 0 or the norm is 0; for ``p=±inf`` shared evenly by the elements
+        that attain the max (min); 0 for ``p=0``.
 
         For DTensors (FSDP2), a DTensor computed on the local shards: ``Partial("sum")``
-        for ``p=1`` and ``squared``, a norm-partial for ``p=2``, ``Partial("max")`` for
-        ``p=inf`` where the inputs are sharded; ``.full_tensor()`` is the global value
-        (see :mod:`regfuse.distributed`).
+        for ``p=1``, ``p=0`` and ``squared``, a norm-partial for other ``p > 0``,
+        ``Partial("max")`` for ``p=inf`` (``"min"`` for ``-inf``) where the inputs are
+        sharded; ``.full_tensor()`` is the global value (see :mod:`regfuse.distributed`).
     """
     tensors = as_list(tensors)
-    op = _norm_reduction(p, squared)
+    op, order = _norm_reduction(p, squared)
     backends.check_backend_name(backend)
     if not tensors:
         return torch.empty(0, dtype=torch.float32)
     info = inspect(tensors)
+    return _per_tensor_norms(tensors, op, order, backend, info)
+
+
+def _per_tensor_norms(tensors: list[Tensor], op: Reduction, order: float, backend: str,
+                      info: ListInfo) -> Tensor:
     if _builds_graph(info):
-        return ops.reduce_with_grad(tensors, op, None, backend)
-    return ops.run_reduce(tensors, op, None, backend, info)
+        return ops.reduce_with_grad(tensors, op, None, backend, order)
+    return ops.run_reduce(tensors, op, None, backend, info, p=order)
+
+
+def _one_or_many(tensors: "TensorList | Tensor") -> list[Tensor]:
+    """A list from one tensor or an iterable of them, as torch's norm utilities take it."""
+    return [tensors] if isinstance(tensors, Tensor) else as_list(tensors)
+
+
+def _combined_norm(tensors: list[Tensor], order: float, backend: str, info: ListInfo) -> Tensor:
+    """The ``order``-norm of every element of ``tensors`` together, a 0-d tensor.
+
+    One fused per-tensor reduction, then the per-tensor norms combined on the device, in
+    float64, as ``torch.nn.utils.get_total_norm`` combines them (``vector_norm`` of the
+    norms, which is the norm of the concatenation for every ``p`` but 0, where the
+    counts are summed). No host synchronization; differentiable like :func:`norms`.
+    """
+    op, order = _norm_reduction(order)
+    per_tensor = _per_tensor_norms(tensors, op, order, backend, info)
+    wide = per_tensor.to(torch.float64)
+    total = wide.sum() if op == Reduction.L0 else torch.linalg.vector_norm(wide, order)
+    return total.to(info.acc_dtype)
+
+
+def _check_total_finite(total: Tensor, order: float) -> None:
+    # torch's message, word for word (this check synchronizes with the device, as torch's does).
+    if torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {order} for gradients from `parameters` is non-finite, so "
+            "it cannot be clipped. To disable this error and scale the gradients by the "
+            "non-finite norm anyway, set `error_if_nonfinite=False`")
+
+
+def total_norm(tensors: "TensorList | Tensor", p: float = 2, *, error_if_nonfinite: bool = False,
+               backend: str = "auto") -> Tensor:
+    """The ``p``-norm of all the tensors together, as ``torch.nn.utils.get_total_norm``.
+
+    Args:
+        tensors: one tensor or an iterable of tensors on one device (any mix of
+            float32/float16/bfloat16/float64, any shapes).
+        p: as in :func:`norms`: any ``p > 0``, ``0``, ``float('inf')`` or
+            ``float('-inf')`` (anything ``float()`` accepts, ``'inf'`` included).
+        error_if_nonfinite: raise torch's ``RuntimeError`` when the result is NaN or
+            infinite (this check waits for the device, as torch's does).
+        backend: as in :func:`norms`.
+
+    Returns:
+        A 0-d tensor, float32 (float64 where any input is float64; torch returns the
+        inputs' promoted dtype, bfloat16 for an all-bfloat16 list), on the inputs'
+        device: one fused reduction, the per-tensor norms combined on the device in
+        float64, no host synchronization. Differentiable like :func:`norms` (twice, and
+        in forward mode). ``tensor(0.)`` (float32, CPU) for an empty list, as torch.
+        For ``p=0`` the result is the number of nonzero elements of the concatenation;
+        torch's ``get_total_norm`` instead returns the number of tensors that hold a
+        nonzero element. For ``p=-inf`` empty tensors are ignored (an all-empty list
+        gives ``inf``, where torch raises).
+    """
+    tensors = _one_or_many(tensors)
+    order = _norm_order(p)
+    backends.check_backend_name(backend)
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    info = inspect(tensors)
+    total = _combined_norm(tensors, order, backend, info)
+    if error_if_nonfinite:
+        _check_total_finite(total, order)
+    return total
 
 
 @dtensor_aware(reduce=SUM)
@@ -206,13 +311,14 @@ def _check_grads(params: list[Tensor]) -> list[Optional[Tensor]]:
     return grads
 
 
-def _in_place_target(params: TensorList, backend: str) -> tuple[list, Optional[ListInfo]]:
+def _in_place_target(params: TensorList, backend: str, what: str) -> tuple[list, Optional[ListInfo]]:
     """The checked list of an in-place op and its summary (``None`` for an empty list)."""
     params = as_list(params)
     backends.check_backend_name(backend)
     if not params:
         return params, None
     info = inspect(params)
+    ops.refuse_transforms(what, params)
     check_distinct(params)
     backends.resolve(backend, info.device)  # raises now, before anything is modified
     return params, info
@@ -246,7 +352,7 @@ def add_penalty_grad_(params: TensorList, l1: float = 0.0, l2: float = 0.0, *,
     """
     l1 = check_nonnegative("l1", l1)
     l2 = check_nonnegative("l2", l2)
-    params, info = _in_place_target(params, backend)
+    params, info = _in_place_target(params, backend, "add_penalty_grad_")
     if info is None:
         return
     weights = _weights((l1, l2), coefficients, len(params), info)
@@ -257,6 +363,7 @@ def add_penalty_grad_(params: TensorList, l1: float = 0.0, l2: float = 0.0, *,
             if g is None:
                 p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
     grads = [p.grad for p in params]
+    ops.refuse_transforms("add_penalty_grad_", grads)
     _run_in_place(ops.add_grad_, ops.run_add_grad_, grads, (grads, params, weights, backend), info)
 
 
@@ -270,8 +377,79 @@ def prox_l1_(params: TensorList, threshold: float, *, coefficients: Coefficients
     (FSDP2) are updated on their local shards, without communication.
     """
     threshold = check_nonnegative("threshold", threshold)
-    params, info = _in_place_target(params, backend)
+    params, info = _in_place_target(params, backend, "prox_l1_")
     if info is None:
         return
     thresholds = _weights((threshold,), coefficients, len(params), info)[0]
     _run_in_place(ops.prox_l1_, ops.run_prox_l1_, params, (params, thresholds, backend), info)
+
+
+def _gradients(parameters: list) -> list[Tensor]:
+    """The ``.grad`` of every parameter that has one, in order."""
+    try:
+        return [g for g in [p.grad for p in parameters] if g is not None]
+    except AttributeError:
+        bad = next(i for i, p in enumerate(parameters) if not isinstance(p, Tensor))
+        raise TypeError(f"regfuse: element {bad} is a {type(parameters[bad]).__name__}, "
+                        "not a torch.Tensor") from None
+
+
+def clip_grad_norm_(parameters: "TensorList | Tensor", max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: Optional[bool] = None, *,
+                    backend: str = "auto") -> Tensor:
+    """Clip the gradients' total norm, in place: ``torch.nn.utils.clip_grad_norm_``, fused.
+
+    Same signature, result and semantics as torch's: ``parameters`` is one tensor or an
+    iterable (parameters whose ``.grad`` is ``None`` are skipped); the total
+    ``norm_type``-norm ``N`` of the gradients is computed as by :func:`total_norm`, then
+    every gradient is multiplied by ``min(max_norm / (N + 1e-6), 1)``; the total norm
+    (before clipping) is returned. One fused reduction and one fused in-place scale, any
+    mix of gradient dtypes in one call, and no host synchronization: the coefficient
+    never leaves the device. Gradients whose coefficient is exactly 1 (a total norm
+    below ``max_norm``) are left untouched, which gives the same bits as torch's
+    multiplication by 1 at the cost of one read.
+
+    Args:
+        parameters: tensors whose ``.grad`` is clipped; the gradients must be on one
+            device (torch also takes several).
+        max_norm: the largest total norm allowed; ``float('inf')`` computes the norm
+            without clipping. NaN or negative raises ``ValueError`` (torch takes a
+            negative one and flips the gradients).
+        norm_type: as ``p`` of :func:`total_norm` (``'inf'`` included).
+        error_if_nonfinite: raise torch's ``RuntimeError`` when the total norm is NaN or
+            infinite, before any gradient is modified (waits for the device, as torch).
+        foreach: accepted for compatibility and ignored: regfuse always runs fused.
+        backend: as in :func:`norms` (keyword only; not in torch's signature).
+
+    Returns:
+        The total norm, a 0-d tensor as :func:`total_norm` returns it (float32, float64
+        where a gradient is float64; ``tensor(0.)`` when no parameter has a gradient).
+    """
+    del foreach  # the fused path is the only one
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        parameters = as_list(parameters)
+        if is_generator and not parameters:
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
+                          stacklevel=2)
+    max_norm = check_max_norm(max_norm)
+    order = _norm_order(norm_type)
+    backends.check_backend_name(backend)
+    grads = _gradients(parameters)
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    info = inspect(grads)
+    ops.refuse_transforms("clip_grad_norm_", grads)
+    check_distinct(grads)
+    backends.resolve(backend, info.device)  # raises now, before anything is modified
+    with torch.no_grad():
+        total = _combined_norm(grads, order, backend, info)
+        if error_if_nonfinite:
+            _check_total_finite(total, order)
+        # torch's coefficient, formula for formula; clamping (not branching) keeps it on the device.
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        factors = coefficient.expand(len(grads)).contiguous()
+        _run_in_place(ops.scale_, ops.run_scale_, grads, (grads, factors, backend), info)
+    return total

@@ -1,29 +1,43 @@
 """The operators, registered with ``torch.library`` so that ``torch.compile`` sees them.
 
-Four custom ops carry all the work: ``regfuse::reduce`` (norms and penalties, with
-autograd), ``regfuse::reduce_backward`` (the fused first backward), ``regfuse::add_grad_``
-and ``regfuse::prox_l1_`` (in place). Each has a fake implementation for tracing. The
-``run_*`` functions are their eager implementations; :mod:`regfuse.api` calls them
-directly when no autograd graph is being built, and records eager graphs through
-``_EagerReduce`` (the same forward and backward as an ``autograd.Function``), which
-skips the dispatcher's per-call cost on long lists. Under ``torch.compile`` the custom
-ops are used, so the compiler sees them.
+Five custom ops carry all the work: ``regfuse::reduce`` (norms and penalties, with
+autograd), ``regfuse::reduce_backward`` (the fused first backward), ``regfuse::add_grad_``,
+``regfuse::prox_l1_`` and ``regfuse::scale_`` (in place). Each has a fake implementation
+for tracing. The ``run_*`` functions are their eager implementations; :mod:`regfuse.api`
+calls them directly when no derivative is being recorded, and records eager graphs
+through ``_EagerReduce`` (the same forward and backward as an ``autograd.Function``),
+which skips the dispatcher's per-call cost on long lists. Under ``torch.compile`` the
+custom ops are used, so the compiler sees them.
 
 Double backward: the fused backward is a kernel, not differentiable by itself, so
 when the backward is being recorded (``create_graph=True``) the same gradient is
-computed with the reference backend's differentiable PyTorch ops instead.
+computed with the reference backend's differentiable PyTorch ops instead. The norms
+whose gradient is not ``a * sign(x) + b * x`` (general ``p``, ``+-inf``, ``0``) are
+always differentiated with those ops.
+
+Forward mode: the kernels read raw memory and cannot see a tangent, so whenever a dual
+level (``torch.autograd.forward_ad``) or a ``torch.func`` transform is active the
+reductions go through ``_EagerReduce``, whose ``jvp`` computes the output tangent with
+PyTorch ops and whose ``vmap`` refuses; the in-place ops refuse tangents and transforms
+(:func:`refuse_transforms`). Nothing is computed without its derivative.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import backends
 from .backends import reference
 from .backends.base import Reduction
 from .validation import (ListInfo, check_gradients, check_per_tensor, inspect, inspect_py)
+
+
+# The reductions whose gradient is not ``a * sign(x) + b * x``: always PyTorch ops.
+_TORCH_OP_GRADIENTS = (Reduction.INF, Reduction.NEG_INF, Reduction.LP, Reduction.L0)
 
 
 def _contiguous(tensors: Sequence[Tensor], info: ListInfo) -> list[Tensor]:
@@ -35,6 +49,30 @@ def _write_back(originals: Sequence[Tensor], work: Sequence[Tensor]) -> None:
     for original, updated in zip(originals, work):
         if updated is not original:
             original.copy_(updated)
+
+
+def transforms_active() -> bool:
+    """Whether tensors may carry derivatives that the kernels cannot see: a forward-mode
+    dual level is open (tangents exist only inside one) or a ``torch.func`` transform
+    (``jvp``, ``vmap``, ``grad``, ...) is running. Two global reads: cheap enough for
+    every call."""
+    # forward_ad keeps the open level in a module global; -1 when none is open.
+    return fwAD._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def refuse_transforms(what: str, tensors: Sequence[Tensor]) -> None:
+    """Raise before an in-place op whose result would silently lack a derivative."""
+    if torch.compiler.is_compiling() or not transforms_active():
+        return
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise NotImplementedError(
+            f"regfuse.{what} does not support torch.func transforms (vmap, grad, jvp, ...): it "
+            "updates tensors in place through their raw memory; call it outside the transform")
+    for i, t in enumerate(tensors):
+        if fwAD.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"regfuse.{what} does not support forward-mode AD: tensor {i} is a dual tensor "
+                "(it carries a tangent), which an in-place update through raw memory would drop")
 
 
 # The run_* functions take ``info`` (the list's summary) from regfuse.api, which has
@@ -52,12 +90,14 @@ def _reduction(op: int) -> Reduction:
 
 
 def _check_reduce(tensors: Sequence[Tensor], op: int, weights: Optional[Tensor],
-                  info: ListInfo) -> Reduction:
+                  info: ListInfo, p: float = 0.0) -> Reduction:
     op = _reduction(op)
     if op == Reduction.PENALTY:
         check_per_tensor("weights", weights, (2, len(tensors)), info)
     elif weights is not None:
         raise ValueError(f"regfuse: weights are only taken by the PENALTY reduction, not {op.name}")
+    if op == Reduction.LP and not (isinstance(p, (int, float)) and 0 < p < math.inf):
+        raise ValueError(f"regfuse: the LP reduction needs a finite order p > 0, got {p!r}")
     return op
 
 
@@ -65,8 +105,8 @@ def _check_reduce_backward(tensors: Sequence[Tensor], op: int, grad_out: Tensor,
                            norms: Optional[Tensor], weights: Optional[Tensor], info: ListInfo) -> Reduction:
     op = _check_reduce(tensors, op, weights, info)
     n = len(tensors)
-    if op == Reduction.INF:
-        raise ValueError("regfuse: the INF reduction has no fused backward")
+    if op in _TORCH_OP_GRADIENTS:
+        raise ValueError(f"regfuse: the {op.name} reduction has no fused backward")
     shape = () if op == Reduction.PENALTY else (n,)
     if (not isinstance(grad_out, Tensor) or tuple(grad_out.shape) != shape
             or grad_out.device != info.device or not grad_out.is_floating_point()):
@@ -89,13 +129,17 @@ def _check_prox(params: Sequence[Tensor], thresholds: Tensor, info: ListInfo) ->
     check_per_tensor("thresholds", thresholds, (len(params),), info)
 
 
+def _check_scale(tensors: Sequence[Tensor], factors: Tensor, info: ListInfo) -> None:
+    check_per_tensor("factors", factors, (len(tensors),), info)
+
+
 def run_reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor], backend: str,
-               info: Optional[ListInfo] = None) -> Tensor:
+               info: Optional[ListInfo] = None, p: float = 0.0) -> Tensor:
     if info is None:
         info = inspect(tensors)
-        op = _check_reduce(tensors, op, weights, info)
+        op = _check_reduce(tensors, op, weights, info, p)
     impl = backends.resolve(backend, info.device)
-    return impl.reduce(_contiguous(tensors, info), op, weights, info.acc_dtype)
+    return impl.reduce(_contiguous(tensors, info), op, weights, info.acc_dtype, p)
 
 
 def run_reduce_backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor,
@@ -134,17 +178,33 @@ def run_prox_l1_(params: Sequence[Tensor], thresholds: Tensor, backend: str,
         _write_back(params, work)
 
 
+def run_scale_(tensors: Sequence[Tensor], factors: Tensor, backend: str,
+               info: Optional[ListInfo] = None) -> None:
+    """``tensors[i] *= factors[i]`` in place, fused (``factors``: ``(n,)``, accumulation dtype)."""
+    if info is None:
+        info = inspect(tensors)
+        _check_scale(tensors, factors, info)
+    impl = backends.resolve(backend, info.device)
+    work = _contiguous(tensors, info)
+    with torch.no_grad():
+        impl.scale_(work, factors)
+        _write_back(tensors, work)
+
+
 # ---- torch.library registration -------------------------------------------------------
 
 @torch.library.custom_op("regfuse::reduce", mutates_args=())
-def reduce(tensors: list[Tensor], op: int, weights: Optional[Tensor], backend: str) -> Tensor:
-    return run_reduce(tensors, _reduction(op), weights, backend)
+def reduce(tensors: list[Tensor], op: int, weights: Optional[Tensor], backend: str,
+           p: float) -> Tensor:
+    # p (the order of LP, ignored by the other ops) has no default: autograd must see
+    # every argument to match the backward's outputs to them.
+    return run_reduce(tensors, _reduction(op), weights, backend, p=p)
 
 
 @reduce.register_fake
-def _(tensors, op, weights, backend):
+def _(tensors, op, weights, backend, p):
     info = inspect_py(tensors)
-    _check_reduce(tensors, op, weights, info)
+    _check_reduce(tensors, op, weights, info, p)
     shape = () if op == Reduction.PENALTY else (len(tensors),)
     return tensors[0].new_empty(shape, dtype=info.acc_dtype)
 
@@ -166,9 +226,10 @@ def _(tensors, op, grad_out, norms, weights, backend):
 
 
 def _setup_reduce(ctx, inputs, output):
-    tensors, op, weights, backend = inputs
+    tensors, op, weights, backend, p = inputs
     ctx.op = Reduction(op)
     ctx.backend = backend
+    ctx.p = p
     ctx.num_tensors = len(tensors)
     ctx.save_for_backward(*tensors, output, weights)
 
@@ -178,51 +239,93 @@ def _tracing(tensors: Sequence[Tensor]) -> bool:
     return torch.compiler.is_compiling() or torch._guards.detect_fake_mode(tensors) is not None
 
 
+def differentiable_grads(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor, norms: Tensor,
+                         weights: Optional[Tensor], p: float) -> list[Tensor]:
+    """The gradient of ``reduce(tensors, op, weights, p)`` scaled by ``grad_out``, with
+    differentiable PyTorch ops (``norms`` is the forward result), typed like ``tensors``."""
+    if op in (Reduction.INF, Reduction.NEG_INF):
+        return reference.inf_norm_backward(tensors, norms, grad_out)
+    if op == Reduction.LP:
+        return reference.lp_norm_backward(tensors, norms, grad_out, p)
+    if op == Reduction.L0:
+        # A count is piecewise constant: its gradient is 0, as torch.linalg.vector_norm(x, 0)'s.
+        return [torch.zeros_like(t) for t in tensors]
+    acc_dtype = norms.dtype
+    return reference.backward(tensors, op, grad_out.to(acc_dtype), norms, weights, acc_dtype)
+
+
 def _backward_reduce(ctx, grad_out):
     saved = ctx.saved_tensors
     tensors, norms, weights = list(saved[:ctx.num_tensors]), saved[-2], saved[-1]
     op = ctx.op
-    if op == Reduction.INF:
-        grads = reference.inf_norm_backward(tensors, norms, grad_out)
-    elif torch.is_grad_enabled() and (grad_out.requires_grad or any(t.requires_grad for t in tensors)):
-        acc_dtype = norms.dtype
-        grads = reference.backward(tensors, op, grad_out.to(acc_dtype), norms, weights, acc_dtype)
+    records_derivatives = torch.is_grad_enabled() and (
+        grad_out.requires_grad or any(t.requires_grad for t in tensors))
+    if op in _TORCH_OP_GRADIENTS or records_derivatives or transforms_active():
+        grads = differentiable_grads(tensors, op, grad_out, norms, weights, ctx.p)
     elif _tracing(tensors):
         grads = reduce_backward(tensors, int(op), grad_out, norms, weights, ctx.backend)
     else:
         grads = run_reduce_backward(tensors, op, grad_out, norms, weights, ctx.backend)
-    return list(grads), None, None, None
+    return list(grads), None, None, None, None
 
 
 reduce.register_autograd(_backward_reduce, setup_context=_setup_reduce)
 
 
 class _EagerReduce(torch.autograd.Function):
-    """``regfuse::reduce`` with the same autograd, for eager mode.
+    """``regfuse::reduce`` with the same autograd, for eager mode, plus forward mode.
 
     The custom op is what the compiler sees; called eagerly it costs a dispatcher round
     trip per tensor of the list and, on first use, a one-time import of the compiler
     stack (seconds). This Function runs the same forward and backward without either.
+    Its ``jvp`` gives dual tensors and ``torch.func.jvp`` their tangent; ``vmap`` is
+    refused (the kernels take whole tensors, not batches).
     """
 
     @staticmethod
-    def forward(ctx, op: int, weights: Optional[Tensor], backend: str, *tensors: Tensor) -> Tensor:
-        output = run_reduce(tensors, Reduction(op), weights, backend)
-        _setup_reduce(ctx, (tensors, op, weights, backend), output)
-        return output
+    def forward(op: int, weights: Optional[Tensor], backend: str, p: float, *tensors: Tensor) -> Tensor:
+        return run_reduce(tensors, Reduction(op), weights, backend, p=p)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op, weights, backend, p, *tensors = inputs
+        _setup_reduce(ctx, (tensors, op, weights, backend, p), output)
+        ctx.save_for_forward(*tensors, output, weights)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         grads = _backward_reduce(ctx, grad_out)[0]
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
+
+    @staticmethod
+    def jvp(ctx, op_tangent, weights_tangent, backend_tangent, p_tangent, *tangents):
+        # The output tangent is the gradient (for an upstream gradient of ones) dotted with
+        # the input tangents; computed in the accumulation dtype. The weights are constants.
+        saved = ctx.saved_tensors
+        tensors, output, weights = saved[:ctx.num_tensors], saved[-2], saved[-1]
+        acc_dtype = output.dtype
+        wide = [t.to(acc_dtype) for t in tensors]
+        grads = differentiable_grads(wide, ctx.op, torch.ones_like(output), output, weights, ctx.p)
+        terms = [(g * t.to(acc_dtype)).sum() if t is not None else g.new_zeros(())
+                 for g, t in zip(grads, tangents)]
+        if ctx.op == Reduction.PENALTY:
+            return torch.stack(terms).sum()
+        return torch.stack(terms)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(
+            "regfuse does not support torch.func.vmap: its fused kernels take whole tensors, not "
+            "batches of them; call it once per batch element instead")
 
 
 def reduce_with_grad(tensors: list[Tensor], op: Reduction, weights: Optional[Tensor],
-                     backend: str) -> Tensor:
-    """The differentiable reduction: the custom op under ``torch.compile``, else eager autograd."""
+                     backend: str, p: float = 0.0) -> Tensor:
+    """The differentiable reduction: the custom op under ``torch.compile``, else eager
+    autograd (reverse and forward mode)."""
     if torch.compiler.is_compiling():
-        return reduce(tensors, int(op), weights, backend)
-    return _EagerReduce.apply(int(op), weights, backend, *tensors)
+        return reduce(tensors, int(op), weights, backend, p)
+    return _EagerReduce.apply(int(op), weights, backend, p, *tensors)
 
 
 @torch.library.custom_op("regfuse::add_grad_", mutates_args=("grads",))
@@ -244,4 +347,15 @@ def prox_l1_(params: list[Tensor], thresholds: Tensor, backend: str) -> None:
 @prox_l1_.register_fake
 def _(params, thresholds, backend):
     _check_prox(params, thresholds, inspect_py(params))
+    return None
+
+
+@torch.library.custom_op("regfuse::scale_", mutates_args=("tensors",))
+def scale_(tensors: list[Tensor], factors: Tensor, backend: str) -> None:
+    run_scale_(tensors, factors, backend)
+
+
+@scale_.register_fake
+def _(tensors, factors, backend):
+    _check_scale(tensors, factors, inspect_py(tensors))
     return None

@@ -7,6 +7,7 @@ Both raise the same exceptions with the same messages.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, NamedTuple
 
 import torch
@@ -115,10 +116,23 @@ def as_list(tensors: "Iterable[Tensor] | Tensor") -> list:
 
 
 def check_nonnegative(name: str, value: float) -> float:
+    """``value`` as a float, if it is finite and >= 0 (an inf or NaN strength would turn
+    every result into inf or NaN)."""
     value = float(value)
-    if not value >= 0:  # also refuses NaN
-        raise ValueError(f"regfuse: {name} must be a non-negative number, got {value}")
+    if not (value >= 0 and math.isfinite(value)):  # also refuses NaN
+        raise ValueError(f"regfuse: {name} must be a finite non-negative number, got {value}")
     return value
+
+
+def check_max_norm(value: float) -> float:
+    """``max_norm`` of ``clip_grad_norm_`` as a float: >= 0, ``inf`` allowed (no clipping)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number >= 0:  # also refuses NaN
+        raise ValueError(f"regfuse: max_norm must be a non-negative number or float('inf'), got {value!r}")
+    return number
 
 
 def _first_overlap_py(tensors: list) -> "tuple[int, int] | None":

@@ -18,9 +18,15 @@ F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat1
 DTYPE_NAMES = {F32: "f32", F64: "f64", F16: "f16", BF16: "bf16"}
 INF = math.inf
 
-# p and squared of every norm that regfuse.norms computes, with readable test ids.
-NORM_KINDS = [(1, False), (2, False), (INF, False), (2, True)]
-NORM_IDS = ["l1", "l2", "linf", "squared"]
+# p and squared of every norm that regfuse.norms computes, with readable test ids: the
+# fast paths (1, 2, inf, squared), the general kernel (p < 1 and p > 2), the count of
+# nonzeros (0) and min |x| (-inf).
+NORM_KINDS = [(1, False), (2, False), (INF, False), (2, True), (0.5, False), (3, False), (0, False),
+              (-INF, False)]
+NORM_IDS = ["l1", "l2", "linf", "squared", "p0.5", "p3", "l0", "lneginf"]
+# The orders alone (what total_norm and clip_grad_norm_ take).
+ORDERS = [p for p, squared in NORM_KINDS if not squared]
+ORDER_IDS = [name for name, (p, squared) in zip(NORM_IDS, NORM_KINDS) if not squared]
 
 # ---- tensor-list cases -------------------------------------------------------------
 
@@ -197,8 +203,8 @@ def _norm64(x: Tensor, p: float, squared: bool) -> Tensor:
     flat = _flat64(x)
     if squared:
         return (flat * flat).sum()
-    if flat.numel() == 0:  # vector_norm(inf) refuses empty input; the norm of nothing is 0
-        return flat.new_zeros(())
+    if flat.numel() == 0:  # vector_norm(+-inf) refuses empty input: the identities of max / min
+        return flat.new_full((), INF if p == -INF else 0.0)
     return torch.linalg.vector_norm(flat, p)
 
 
@@ -217,6 +223,23 @@ def oracle_norm_grads(tensors: Sequence[Tensor], p: float, squared: bool,
     if not total.requires_grad:  # only empty tensors under p=inf: nothing depends on them
         return [torch.zeros_like(x) for x in x64]
     return list(torch.autograd.grad(total, x64, allow_unused=True, materialize_grads=True))
+
+
+def overflowed_to(expected: Tensor, dtype: torch.dtype) -> Tensor:
+    """``expected`` (float64) with the values that overflow ``dtype`` replaced by the
+    infinities any result stored in ``dtype`` holds (the gradient of a p < 1 norm is
+    unbounded near 0: in float16 it can exceed 65504)."""
+    rounded = expected.to(dtype)
+    return torch.where(rounded.isinf() & expected.isfinite(), rounded.to(expected.dtype), expected)
+
+
+def oracle_total_norm(tensors: Sequence[Tensor], p: float) -> Tensor:
+    """The ``p``-norm of the concatenation of ``tensors`` in float64, by ``vector_norm``
+    (differentiable when the tensors require grad); 0 for no element, inf for ``p=-inf``."""
+    flat = [_flat64(t) for t in tensors]
+    if not flat or sum(x.numel() for x in flat) == 0:
+        return torch.tensor(INF if p == -INF and flat else 0.0, dtype=F64)
+    return torch.linalg.vector_norm(torch.cat(flat), p)
 
 
 def oracle_penalty(tensors: Sequence[Tensor], l1: float, l2: float, coefficients=None) -> Tensor:

@@ -23,7 +23,8 @@ def _weights(n: int, device) -> torch.Tensor:
 def test_opcheck_reduce(backend, device, op):
     tensors = _sample(device)
     weights = _weights(len(tensors), device) if op == Reduction.PENALTY else None
-    torch.library.opcheck(torch.ops.regfuse.reduce.default, (tensors, int(op), weights, backend))
+    p = 2.5 if op == Reduction.LP else 0.0  # the order, which only LP reads
+    torch.library.opcheck(torch.ops.regfuse.reduce.default, (tensors, int(op), weights, backend, p))
 
 
 def test_opcheck_reduce_backward(backend, device):
@@ -46,6 +47,9 @@ def test_opcheck_in_place_ops(backend, device):
     thresholds = torch.rand(len(tensors), dtype=F64, device=device)
     params = [t.clone() for t in tensors]
     torch.library.opcheck(torch.ops.regfuse.prox_l1_.default, (params, thresholds, backend))
+    factors = torch.rand(len(tensors), dtype=F64, device=device)
+    factors[1] = 1.0  # a tensor left untouched
+    torch.library.opcheck(torch.ops.regfuse.scale_.default, ([t.clone() for t in tensors], factors, backend))
 
 
 def _loss(params: list[torch.Tensor], backend: str, coefficients=None) -> torch.Tensor:
@@ -83,3 +87,31 @@ def test_compile_fullgraph_with_backward(backend, device):
 def test_compile_fullgraph_with_coefficients(device):
     # One backend suffices: the coefficients are checked and scaled before any backend runs.
     _check_compiled_matches_eager("reference", device, coefficients=[1.0, 0.5, 2.0])
+
+
+@pytest.mark.slow
+def test_compile_total_norm_fullgraph_and_clip(device):
+    # total_norm traces without a break (general p included), backward too; clip_grad_norm_
+    # compiles with a break at the aliasing check of its in-place scale, and clips right.
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(7)
+    eager = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in [(7, 3), (4,), ()]]
+    compiled = [p.detach().clone().requires_grad_() for p in eager]
+
+    def norms_loss(params):
+        return regfuse.total_norm(params, backend="cpu" if device.type == "cpu" else "auto") + \
+            regfuse.total_norm(params, 3) + regfuse.norms(params, 0.5).sum()
+
+    expected = norms_loss(eager)
+    expected.backward()
+    got = torch.compile(norms_loss, fullgraph=True)(compiled)
+    got.backward()
+    assert_close(got, expected, what="compiled total norms")
+    assert_lists_close([p.grad for p in compiled], [p.grad for p in eager], what="compiled grad")
+
+    reference = [p.detach().clone().requires_grad_() for p in eager]
+    for r, p in zip(reference, compiled):
+        r.grad = p.grad.clone()
+    total = torch.compile(lambda params: regfuse.clip_grad_norm_(params, 0.5))(compiled)
+    assert_close(total, torch.nn.utils.clip_grad_norm_(reference, 0.5), what="compiled clip norm")
+    assert_lists_close([p.grad for p in compiled], [r.grad for r in reference], what="compiled clip")

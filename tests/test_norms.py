@@ -1,11 +1,17 @@
-"""regfuse.norms against torch.linalg.vector_norm in float64, for every backend."""
+"""regfuse.norms against torch.linalg.vector_norm in float64, for every backend.
+
+Every order: the fast paths (1, 2, inf, squared 2), the general kernel (p = 0.5, 3, and
+more in ``test_general_p``), the count of nonzeros (0) and min |x| (-inf).
+"""
+import math
+
 import pytest
 import torch
 
 import regfuse
-from cases import (BF16, CASES, F16, F32, F64, NORM_IDS, NORM_KINDS, assert_close,
-                   assert_lists_close, dtype_id, is_interpreted, oracle_norm_grads, oracle_norms,
-                   result_dtype, with_specials)
+from cases import (BF16, CASES, F16, F32, F64, INF, NORM_IDS, NORM_KINDS, assert_close,
+                   assert_lists_close, case, dtype_id, is_interpreted, oracle_norm_grads, oracle_norms,
+                   overflowed_to, result_dtype, with_specials)
 
 norm_kinds = pytest.mark.parametrize("p, squared", NORM_KINDS, ids=NORM_IDS)
 all_cases = pytest.mark.parametrize("case", CASES, ids=str)
@@ -34,7 +40,7 @@ def test_gradients(backend, device, case, p, squared, skip_if_too_big):
     # Distinct weights per tensor catch a gradient routed to the wrong tensor.
     grad_out = torch.linspace(0.5, 2.0, len(leaves), dtype=out.dtype, device=device)
     (out * grad_out).sum().backward()
-    expected = oracle_norm_grads(leaves, p, squared, grad_out)
+    expected = [overflowed_to(e, t.dtype) for e, t in zip(oracle_norm_grads(leaves, p, squared, grad_out), leaves)]
     assert [t.grad.dtype for t in leaves] == [t.dtype for t in leaves]
     assert_lists_close([t.grad for t in leaves], expected, what="grad")
 
@@ -49,6 +55,8 @@ def _small_float64(device):
 @norm_kinds
 def test_gradcheck_and_gradgradcheck(backend, device, p, squared):
     inputs = _small_float64(device)
+    if p == -INF:  # the min of an empty tensor is inf, which finite differences cannot take
+        inputs = tuple(t for t in inputs if t.numel())
 
     def fn(*tensors):
         return regfuse.norms(tensors, p, squared=squared, backend=backend)
@@ -65,7 +73,12 @@ def test_nan_and_inf_propagate_like_vector_norm(backend, device, p, squared, dty
     tensors = with_specials(device, dtype)
     out = regfuse.norms(tensors, p, squared=squared, backend=backend)
     expected = oracle_norms(tensors, p, squared)
-    assert bool(expected[:4].isnan().any()) and bool(expected[:4].isinf().any())  # the case bites
+    # The case bites: NaN (and, for the max and the sums, Inf) reach the result; a count
+    # of nonzeros counts NaN and Inf as nonzero.
+    if p == 0:
+        assert expected.tolist() == [9.0] * 5  # no zero among the 9 values; NaN, Inf counted
+    else:
+        assert bool(expected[:4].isnan().any()) and (p == -INF or bool(expected[:4].isinf().any()))
     assert_close(out, expected, what="norms with NaN/Inf")
 
 
@@ -95,6 +108,58 @@ def test_accepts_any_iterable(backend, device):
 
 def test_drop_in_for_foreach_norm(backend, device):
     tensors = [torch.randn(s, device=device) for s in [(31,), (4, 9), ()]]
-    for p in (1, 2, float("inf")):
+    tensors[1][2, 3] = 0.0  # a zero for p=0 to skip
+    for p in (1, 2, INF, 0.5, 1.5, 3, 7, 0, -INF):
         expected = torch.stack(torch._foreach_norm(tensors, p))
         assert_close(regfuse.norms(tensors, p, backend=backend), expected, what=f"p={p}")
+
+
+GENERAL_ORDERS = [0.25, 0.5, 1.5, 2.5, 3, 4.75, 10]
+
+
+@pytest.mark.parametrize("p", GENERAL_ORDERS)
+def test_general_p(backend, device, p):
+    # Orders that only the general kernel computes, on odd sizes, mixed dtypes and float64.
+    for name in ("odd_sizes-f32", "mixed_half", "mixed_dtypes", "empty_and_zero-bf16"):
+        tensors = case(name).tensors(device)
+        assert_close(regfuse.norms(tensors, p, backend=backend), oracle_norms(tensors, p),
+                     what=f"{name} p={p}")
+
+
+@pytest.mark.parametrize("p", [0.5, 1.5, 3])
+def test_general_p_gradient_at_zeros_is_zero(backend, device, p):
+    # |x|**(p-1) is infinite at 0 for p < 1, and the norm of zeros is 0: torch gives 0 for
+    # both, and so must the first and the second derivative (no 0 * inf = NaN).
+    x = torch.tensor([0.0, 1.5, -2.0, 0.0], dtype=F64, device=device, requires_grad=True)
+    zeros = torch.zeros(3, dtype=F64, device=device, requires_grad=True)
+    out = regfuse.norms([x, zeros], p, backend=backend)
+    grad_x, grad_zeros = torch.autograd.grad(out.sum(), [x, zeros], create_graph=True)
+    expected_x = torch.autograd.grad(torch.linalg.vector_norm(x, p), x)[0]
+    assert_close(grad_x, expected_x, what="gradient")
+    assert grad_x[0].item() == 0 and grad_x[3].item() == 0
+    assert torch.equal(grad_zeros, torch.zeros_like(zeros))
+    second = torch.autograd.grad(grad_x.sum() + grad_zeros.sum(), [x, zeros])
+    assert all(bool(torch.isfinite(g).all()) for g in second)
+
+
+def test_neg_inf_norm_of_an_empty_tensor_is_inf(backend, device):
+    # vector_norm(-inf) refuses empty input; regfuse gives the identity of min.
+    out = regfuse.norms([torch.empty(0, device=device), torch.tensor([-3.0, 2.0], device=device)],
+                        -INF, backend=backend)
+    assert out.tolist() == [math.inf, 2.0]
+
+
+def test_count_of_nonzeros_has_zero_gradient(backend, device):
+    x = torch.tensor([0.0, 1.5, -2.0], device=device, requires_grad=True)
+    out = regfuse.norms([x], 0, backend=backend)
+    assert out.tolist() == [2.0]
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("p", [0.5, 3, -INF])
+def test_general_p_accepts_any_number_type(backend, device, p):
+    tensors = case("single-f32").tensors(device)
+    expected = regfuse.norms(tensors, float(p), backend=backend)
+    for same in (torch.tensor(p).item(), str(float(p))):
+        assert torch.equal(regfuse.norms(tensors, same, backend=backend), expected)

@@ -128,8 +128,9 @@ def test_unavailable_backend_says_why(op, name):
                              backend=name)
 
 
-@pytest.mark.parametrize("p, squared", [(3, False), (0, False), (-1, False), ("fro", False),
-                                        (math.nan, False), (1, True), (math.inf, True)])
+@pytest.mark.parametrize("p, squared", [(-1, False), (-0.5, False), ("fro", False), (None, False),
+                                        (math.nan, False), (1, True), (math.inf, True), (3, True),
+                                        (0, True)])
 def test_norms_unsupported_p(backend, device, p, squared):
     _assert_raises_and_keeps("norms", _valid_params(device), ValueError, "p=", p=p, squared=squared,
                              backend=backend)
@@ -143,7 +144,36 @@ def test_negative_strength(backend, device, op, strengths):
                              **strengths)
 
 
-@pytest.mark.parametrize("threshold", [-0.1, math.nan])
+@pytest.mark.parametrize("bad", BAD_ELEMENTS)
+def test_total_norm_bad_element_last(backend, device, bad):
+    make, error, match = BAD_ELEMENTS[bad]
+    if bad == "other device" and _other_device() == device:
+        pytest.skip("needs a second device")
+    with pytest.raises(error, match=match):
+        regfuse.total_norm(_valid_params(device) + [make(device)], backend=backend)
+
+
+@pytest.mark.parametrize("p", [-1, -0.5, math.nan, "fro", None])
+def test_total_norm_unsupported_p(backend, device, p):
+    with pytest.raises(ValueError, match="p="):
+        regfuse.total_norm(_valid_params(device), p, backend=backend)
+
+
+@pytest.mark.parametrize("op", WITH_STRENGTHS)
+@pytest.mark.parametrize("strengths", [{"l1": math.inf}, {"l2": math.inf}, {"l1": -math.inf}],
+                         ids=["l1 inf", "l2 inf", "l1 -inf"])
+def test_infinite_strength(backend, device, op, strengths):
+    _assert_raises_and_keeps(op, _valid_params(device), ValueError, "finite non-negative",
+                             backend=backend, **strengths)
+
+
+def test_infinite_l1_of_zeros_is_refused_not_nan(backend, device):
+    # inf * 0 would make the penalty of all-zero weights NaN; Keras refuses inf, so does regfuse.
+    with pytest.raises(ValueError, match="l1 must be a finite non-negative number, got inf"):
+        regfuse.penalty([torch.zeros(3, device=device)], l1=math.inf, backend=backend)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, math.nan, math.inf])
 def test_prox_negative_threshold(backend, device, threshold):
     _assert_raises_and_keeps("prox_l1_", _valid_params(device), ValueError, "non-negative",
                              threshold=threshold, backend=backend)
@@ -152,6 +182,9 @@ def test_prox_negative_threshold(backend, device, threshold):
 BAD_COEFFICIENTS = {
     "negative": ([1.0, -0.5, 1.0], "non-negative"),
     "nan": ([1.0, math.nan, 1.0], "non-negative"),
+    "inf": ([1.0, math.inf, 1.0], "finite"),
+    "inf tensor": (torch.tensor([1.0, 2.0, math.inf]), "finite"),
+    "nan float64 tensor": (torch.tensor([math.nan, 2.0, 1.0], dtype=torch.float64), "finite"),
     "too short": ([1.0, 1.0], "one per tensor"),
     "too long": ([1.0, 1.0, 1.0, 1.0], "one per tensor"),
     "2-d tensor": (torch.ones(3, 1), "one per tensor"),
