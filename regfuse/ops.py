@@ -103,10 +103,10 @@ def _check_reduce(tensors: Sequence[Tensor], op: int, weights: Optional[Tensor],
 
 def _check_reduce_backward(tensors: Sequence[Tensor], op: int, grad_out: Tensor,
                            norms: Optional[Tensor], weights: Optional[Tensor], info: ListInfo) -> Reduction:
+    if _reduction(op) in _TORCH_OP_GRADIENTS:
+        raise ValueError(f"regfuse: the {_reduction(op).name} reduction has no fused backward")
     op = _check_reduce(tensors, op, weights, info)
     n = len(tensors)
-    if op in _TORCH_OP_GRADIENTS:
-        raise ValueError(f"regfuse: the {op.name} reduction has no fused backward")
     shape = () if op == Reduction.PENALTY else (n,)
     if (not isinstance(grad_out, Tensor) or tuple(grad_out.shape) != shape
             or grad_out.device != info.device or not grad_out.is_floating_point()):
@@ -196,8 +196,8 @@ def run_scale_(tensors: Sequence[Tensor], factors: Tensor, backend: str,
 @torch.library.custom_op("regfuse::reduce", mutates_args=())
 def reduce(tensors: list[Tensor], op: int, weights: Optional[Tensor], backend: str,
            p: float) -> Tensor:
-    # p (the order of LP, ignored by the other ops) has no default: autograd must see
-    # every argument to match the backward's outputs to them.
+    # p (the order of LP, ignored by the other ops) has no default: the dispatcher would
+    # leave a defaulted argument out of the inputs autograd matches the backward against.
     return run_reduce(tensors, _reduction(op), weights, backend, p=p)
 
 

@@ -50,7 +50,7 @@ TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
 POINTER_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
                  torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
 # Kernels whose full chunks of aligned tensors must use 16-byte accesses, and which ones.
-VECTOR_ACCESSES = {"_partials_kernel": ("ld",), "_grad_kernel": ("ld", "st"), "_prox_kernel": ("ld", "st")}
+VECTOR_ACCESSES = {"_partials_kernel": ("ld",), "_grad_kernel": ("ld", "st"), "_update_kernel": ("ld", "st")}
 _VECTOR = r"{}\.global(?:\.[\w:]+)*\.(?:v4\.(?:b32|f32|u32)|v2\.(?:b64|f64|u64))"
 
 
@@ -72,7 +72,8 @@ def record_launches() -> list[tuple]:
             n = len(tensors)
             weights = torch.rand(2, n, dtype=acc)
             for op in Reduction:
-                backend.reduce(tensors, op, weights if op == Reduction.PENALTY else None, acc)
+                backend.reduce(tensors, op, weights if op == Reduction.PENALTY else None, acc,
+                               2.5 if op == Reduction.LP else 0.0)
                 grad_out = torch.ones((), dtype=acc) if op == Reduction.PENALTY else torch.ones(n, dtype=acc)
                 norms = torch.ones(n, dtype=acc)
                 for into in (None, [torch.zeros_like(t) for t in tensors]):
@@ -81,6 +82,7 @@ def record_launches() -> list[tuple]:
                     except ValueError:  # no fused gradient for this reduction
                         pass
             backend.prox_l1_(tensors, torch.rand(n, dtype=acc))
+            backend.scale_(tensors, torch.rand(n, dtype=acc))
     finally:
         JITFunction.run = original
     return launches

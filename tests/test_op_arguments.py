@@ -55,28 +55,30 @@ def _assert_refused(call: Callable[[], object], tensors: list[torch.Tensor], mat
 def test_the_reported_out_of_bounds_call_raises():
     # Weights of shape (2, 1) for two tensors: the penalty needs (2, 2).
     with pytest.raises(ValueError, match=r"weights must be a dense \(2, 2\)"):
-        ops.reduce([torch.randn(10), torch.randn(5)], PENALTY, torch.ones(2, 1), "cpu")
+        ops.reduce([torch.randn(10), torch.randn(5)], PENALTY, torch.ones(2, 1), "cpu", 0.0)
 
 
 @pytest.mark.parametrize("bad", BAD)
 def test_reduce_refuses_bad_weights(backend, device, bad):
     tensors = _tensors(device)
     weights = _bad_tables(device, (2, 2))[bad]
-    _assert_refused(lambda: ops.reduce(tensors, PENALTY, weights, backend), tensors, "weights")
+    _assert_refused(lambda: ops.reduce(tensors, PENALTY, weights, backend, 0.0), tensors, "weights")
 
 
 def test_reduce_refuses_missing_or_stray_weights(backend, device):
     tensors = _tensors(device)
-    _assert_refused(lambda: ops.reduce(tensors, PENALTY, None, backend), tensors, "weights")
+    _assert_refused(lambda: ops.reduce(tensors, PENALTY, None, backend, 0.0), tensors, "weights")
     weights = torch.ones(2, 2, device=device)
-    _assert_refused(lambda: ops.reduce(tensors, L2, weights, backend), tensors, "only taken by")
+    _assert_refused(lambda: ops.reduce(tensors, L2, weights, backend, 0.0), tensors, "only taken by")
 
 
 def test_unknown_reduction_and_empty_list(backend, device):
     tensors = _tensors(device)
-    _assert_refused(lambda: ops.reduce(tensors, 99, None, backend), tensors, "unknown reduction")
+    _assert_refused(lambda: ops.reduce(tensors, 99, None, backend, 0.0), tensors, "unknown reduction")
+    _assert_refused(lambda: ops.reduce(tensors, int(Reduction.LP), None, backend, -1.0), tensors,
+                    "finite order p > 0")
     with pytest.raises(ValueError, match="empty"):
-        ops.reduce([], L2, None, backend)
+        ops.reduce([], L2, None, backend, 0.0)
 
 
 @pytest.mark.parametrize("bad", BAD)
@@ -154,7 +156,9 @@ def test_binding_checks_the_list():
     with pytest.raises(TypeError, match="dense float32"):
         native.reduce([good[0], torch.ones(3, dtype=torch.int32)], L2, None, False)
     with pytest.raises(ValueError, match="unknown reduction"):
-        native.reduce(good, 7, None, False)
+        native.reduce(good, 99, None, False)
+    with pytest.raises(ValueError, match="finite p > 0"):
+        native.reduce(good, int(Reduction.LP), None, False, p=0.0)
     with pytest.raises(ValueError, match="tensor 1 is on meta"):
         native.reduce([good[0], torch.ones(3, device="meta")], PENALTY, weights, False)
     with pytest.raises(ValueError, match="multiple of 8"):
