@@ -95,9 +95,16 @@ def run_ops(backend: str, tensors: list[Tensor]) -> list[tuple[str, Callable[[st
         regfuse.prox_l1_(params, 0.3, coefficients=coefficients, backend=b)
         return params
 
+    def clip(b: str):  # the total norm (a reduction), then the in-place scale
+        params = copies(tensors, grads=True)
+        total = regfuse.clip_grad_norm_(params, 0.5, backend=b)
+        return [total] + [p.grad for p in params]
+
     return [("norms_p1", norms(1)), ("norms_p2", norms(2)), ("norms_inf", norms(float("inf"))),
-            ("norms_sq", norms(2, squared=True)), ("penalty_fwd_bwd", penalty_fwd_bwd),
-            ("add_penalty_grad_", add_penalty_grad), ("prox_l1_", prox)]
+            ("norms_sq", norms(2, squared=True)), ("norms_p3", norms(3)), ("norms_p0.5", norms(0.5)),
+            ("norms_p0", norms(0)), ("norms_-inf", norms(float("-inf"))),
+            ("penalty_fwd_bwd", penalty_fwd_bwd), ("add_penalty_grad_", add_penalty_grad),
+            ("prox_l1_", prox), ("clip_grad_norm_", clip)]
 
 
 def main() -> int:
@@ -119,8 +126,9 @@ def main() -> int:
                 check(f"{backend} {op_name} on {list_name}", op(backend), op("reference"))
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # an asynchronous kernel error surfaces here
-        print(f"sanitizer_smoke: {backend} on {device}: {len(lists)} lists x 7 ops match reference",
-              flush=True)
+        num_ops = len(run_ops(backend, []))
+        print(f"sanitizer_smoke: {backend} on {device}: {len(lists)} lists x {num_ops} ops match "
+              "reference", flush=True)
     return 0
 
 
