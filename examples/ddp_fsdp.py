@@ -4,8 +4,8 @@
     torchrun --nproc_per_node=2 examples/ddp_fsdp.py --engine fsdp2   # GPUs: nccl, one per rank
 
 Every rank trains on its part of each global batch with an L1/L2 weight penalty
-(``WeightRegularizer.attach()``), an L1 activity penalty (``ActivationRegularizer``) and a
-proximal L1 step (``prox_l1_``), under ``DistributedDataParallel`` and under FSDP2
+(``WeightRegularizer.attach()``), an L1 activity penalty (``ActivationRegularizer``),
+gradient clipping (``clip_grad_norm_``) and a proximal L1 step (``prox_l1_``), under ``DistributedDataParallel`` and under FSDP2
 (``fully_shard``). It also trains the same model in one process on the whole batch (every
 rank can: the model is tiny) and prints how far apart the two end up: float32 rounding.
 
@@ -18,6 +18,9 @@ What is per rank and what is global (docs/training.md, "Distributed training"):
 * the activations: per rank. DDP and FSDP2 average the gradients over the ranks, so a
   per-sample penalty, ``penalty() / len(x)`` with the local batch, gives the
   single-process gradient; a raw ``penalty()`` would come out at 1/world_size of it;
+* ``clip_grad_norm_``: the norm of the whole gradient. Under DDP every rank already
+  holds it (no all-reduce: that would count it ``world_size`` times); under FSDP2 the
+  shards' norms are reduced (one all-reduce of a scalar);
 * ``sparsity_report``: the numbers of the whole (unsharded) model on every rank.
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ from torch import nn
 
 import regfuse
 
-L1_WEIGHTS, L2_WEIGHTS, L1_ACTIVITY, LR, STEPS = 1e-3, 1e-2, 1e-3, 0.1, 5
+L1_WEIGHTS, L2_WEIGHTS, L1_ACTIVITY, LR, STEPS, MAX_NORM = 1e-3, 1e-2, 1e-3, 0.1, 5, 0.5
 
 
 def make_model() -> nn.Sequential:
@@ -61,6 +64,7 @@ def train(model: nn.Module, batches, shard=lambda t: t) -> nn.Module:
             loss = F.mse_loss(model(x), y) + activity.penalty() / len(x)  # per sample
             optimizer.zero_grad()
             loss.backward()
+            regfuse.clip_grad_norm_(model.parameters(), MAX_NORM)  # the global norm, either engine
             optimizer.step()
             activity.clear()
             regfuse.prox_l1_(weights.params, LR * L1_WEIGHTS)  # exact zeros

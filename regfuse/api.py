@@ -16,7 +16,7 @@ from torch import Tensor
 from . import backends, ops
 from .backends.base import Reduction
 from .device_cache import DeviceCache, upload
-from .distributed import SUM, dtensor_aware, norm_combination
+from .distributed import SUM, dtensor_aware, norm_combination, replicated_value
 from .validation import (_C, ListInfo, as_list, check_distinct, check_max_norm, check_nonnegative,
                          check_readable, inspect)
 
@@ -232,6 +232,12 @@ def _check_total_finite(total: Tensor, order: float) -> None:
             "non-finite norm anyway, set `error_if_nonfinite=False`")
 
 
+def _check_total_finite_of(total: Tensor, arguments: dict) -> None:
+    _check_total_finite(total, _norm_order(arguments["p"]))
+
+
+@dtensor_aware(reduce=lambda args: norm_combination(args["p"]),
+               global_checks={"error_if_nonfinite": _check_total_finite_of})
 def total_norm(tensors: "TensorList | Tensor", p: float = 2, *, error_if_nonfinite: bool = False,
                backend: str = "auto") -> Tensor:
     """The ``p``-norm of all the tensors together, as ``torch.nn.utils.get_total_norm``.
@@ -255,6 +261,14 @@ def total_norm(tensors: "TensorList | Tensor", p: float = 2, *, error_if_nonfini
         torch's ``get_total_norm`` instead returns the number of tensors that hold a
         nonzero element. For ``p=-inf`` empty tensors are ignored (an all-empty list
         gives ``inf``, where torch raises).
+
+        For DTensors (FSDP2), a DTensor computed on the local shards, as ``get_total_norm``
+        gives it: ``_NormPartial(p)`` (``Partial("sum")`` for ``p`` 0 and 1,
+        ``Partial("max")``/``("min")`` for ``±inf``) where the inputs are sharded;
+        ``.full_tensor()`` is the global norm, and ``error_if_nonfinite`` checks that
+        global value on every rank. Under DDP the gradients are plain tensors, identical
+        on every rank: their total norm is already the global one (no all-reduce, which
+        would count it ``world_size`` times).
     """
     tensors = _one_or_many(tensors)
     order = _norm_order(p)
@@ -440,16 +454,23 @@ def clip_grad_norm_(parameters: "TensorList | Tensor", max_norm: float, norm_typ
     grads = _gradients(parameters)
     if not grads:
         return torch.zeros((), dtype=torch.float32)
+    with torch.no_grad():
+        # For DTensor gradients (FSDP2) the total is a partial DTensor; replicated_value
+        # reduces it (one all-reduce of a scalar, no host synchronization), so that every
+        # rank scales its shards by the coefficient of the global norm.
+        total = total_norm(grads, order, error_if_nonfinite=error_if_nonfinite, backend=backend)
+        _clip_(grads, max_norm, replicated_value(total), backend=backend)
+    return total
+
+
+@dtensor_aware(in_place="values")
+def _clip_(grads: list[Tensor], max_norm: float, total: Tensor, *, backend: str) -> None:
+    """``grads *= min(max_norm / (total + 1e-6), 1)`` in place, fused (``total`` is global)."""
     info = inspect(grads)
     ops.refuse_transforms("clip_grad_norm_", grads)
     check_distinct(grads)
     backends.resolve(backend, info.device)  # raises now, before anything is modified
-    with torch.no_grad():
-        total = _combined_norm(grads, order, backend, info)
-        if error_if_nonfinite:
-            _check_total_finite(total, order)
-        # torch's coefficient, formula for formula; clamping (not branching) keeps it on the device.
-        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        factors = coefficient.expand(len(grads)).contiguous()
-        _run_in_place(ops.scale_, ops.run_scale_, grads, (grads, factors, backend), info)
-    return total
+    # torch's coefficient, formula for formula; clamping (not branching) keeps it on the device.
+    coefficient = torch.clamp(max_norm / (total.to(info.device) + 1e-6), max=1.0)
+    factors = coefficient.to(info.acc_dtype).expand(len(grads)).contiguous()
+    _run_in_place(ops.scale_, ops.run_scale_, grads, (grads, factors, backend), info)

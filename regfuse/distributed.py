@@ -116,7 +116,8 @@ def replicated_value(t: Tensor) -> Tensor:
 def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], None] = None,
                   per_tensor: Union[bool, str] = False, in_place: Optional[str] = None,
                   slices: Optional[Callable[[dict], int]] = None,
-                  per_tensor_args: Sequence[str] = ("coefficients",)) -> Callable:
+                  per_tensor_args: Sequence[str] = ("coefficients",),
+                  global_checks: Optional[dict[str, Callable[[Tensor, dict], None]]] = None) -> Callable:
     """Makes a public function whose first argument is the tensor list accept DTensor lists.
 
     Exactly one of:
@@ -139,6 +140,12 @@ def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], N
 
     ``per_tensor_args`` name the arguments holding one value per tensor, which are split
     along with the list when it has several placement groups.
+
+    ``global_checks`` maps a boolean argument of a reduction that asks for a check of the
+    result (``error_if_nonfinite``) to the check, ``check(value, arguments)``: for DTensors
+    the local call runs without it and the check sees the global value, so that every
+    rank decides the same (a local NaN would otherwise raise on one rank only, and the
+    others would wait for it in their next collective).
     """
     if (reduce is None) == (in_place is None) or in_place not in (None, "values", "grads") \
             or (per_tensor == "list" and slices is None):
@@ -179,8 +186,17 @@ def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], N
             if per_tensor == "list":
                 return _per_slice_results(fn, bound, tensors)
             combination = reduce(bound.arguments) if callable(reduce) else reduce
-            return _reduction(fn, signature, bound, tensors, mesh, combination, per_tensor,
-                              per_tensor_args)
+            asked = [name for name in (global_checks or {}) if bound.arguments.get(name)]
+            for name in asked:
+                bound.arguments[name] = False
+            result = _reduction(fn, signature, bound, tensors, mesh, combination, per_tensor,
+                                per_tensor_args)
+            if asked:
+                value = replicated_value(result).detach()
+                for name in asked:
+                    bound.arguments[name] = True
+                    global_checks[name](value, bound.arguments)
+            return result
 
         return wrapper
 
@@ -473,6 +489,9 @@ class _ExtremumPartialResult(torch.autograd.Function):
     Torch shares the gradient of the max norm evenly among the elements attaining it; the
     local backward shares it among the local ones, so each local result receives the
     upstream gradient times (local elements attaining the global value) / (all of them).
+    That is exact for per-tensor norms; for a total norm (one value for the list), where
+    torch shares first among the tied tensors and then among each one's elements, it
+    differs only when several *different* tensors tie exactly for the maximum.
     """
 
     @staticmethod

@@ -84,7 +84,8 @@ def check_readable(t: Tensor, what: str) -> None:
     if torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python) and not _traced(t):
         kind = type(t)
         if kind.__name__ == "DTensor":
-            reason = "a DTensor in a list whose first tensor is not one; a list must be all DTensors or none"
+            reason = ("a DTensor where regfuse expects a plain tensor: the public functions take a "
+                      "list of DTensors when all of its tensors are DTensors (on one device mesh)")
         else:
             reason = ("a tensor subclass whose data regfuse's kernels cannot read; plain tensors, "
                       "nn.Parameter and lists of DTensors are supported")

@@ -205,6 +205,71 @@ def l2_norm_double_backward(env: Env) -> None:
         close(d.grad, t.grad, f"second derivative of tensor {i}")
 
 
+TOTAL_PLACEMENTS = {1: Partial("sum"), 2: _NormPartial(2.0), 3: _NormPartial(3.0), 0: Partial("sum"),
+                    math.inf: Partial("max"), -math.inf: Partial("min")}
+
+
+@check("dtensor")
+def total_norm_global_value_and_gradients(env: Env) -> None:
+    for p, placement in TOTAL_PLACEMENTS.items():
+        what = f"total_norm(p={p})"
+        plain = [t.clone().requires_grad_() for t in tensors()]
+        sharded = [env.shard(t).requires_grad_() for t in tensors()]
+        out = regfuse.total_norm(sharded, p)
+        assert out.placements == (placement,), f"{what}: placements {out.placements}"
+        expected = regfuse.total_norm(plain, p)  # one process; torch's get_total_norm for p != 0
+        if p != 0:
+            close(expected, torch.nn.utils.get_total_norm(plain, p), f"{what}: one process vs torch")
+        close(out, expected, what)
+        if p in (0, -math.inf):  # no gradient (0) / the zero tensor's minimum
+            continue
+        expected.backward()
+        out.full_tensor().backward()
+        for i, (d, t) in enumerate(zip(sharded, plain)):
+            assert d.grad.placements == d.placements
+            close(d.grad, t.grad, f"{what}: gradient of tensor {i}")
+    # Mixed placements: a replicated result; a single DTensor as torch takes it.
+    mixed = [env.shard(t, q) for t, q in zip(tensors(), [Shard(0), Replicate(), Shard(1), Replicate(), Shard(0)])]
+    out = regfuse.total_norm(mixed, 2)
+    assert out.placements == (Replicate(),), out.placements
+    close(out, torch.nn.utils.get_total_norm(tensors(), 2), "total_norm of mixed placements")
+    close(regfuse.total_norm(env.shard(tensors()[0]), 2),
+          torch.linalg.vector_norm(tensors()[0]), "total_norm of one DTensor")
+
+
+@check("dtensor")
+def total_norm_nonfinite_raises_on_every_rank(env: Env) -> None:
+    values = tensors()
+    values[1][6] = math.nan  # on rank 1's shard only
+    sharded = [env.shard(t) for t in values]
+    try:
+        regfuse.total_norm(sharded, 2, error_if_nonfinite=True)
+    except RuntimeError as exc:
+        assert "non-finite" in str(exc), exc
+    else:
+        MISMATCHES.append(f"rank {env.rank}: no error for a NaN on rank 1's shard")
+    assert regfuse.total_norm(sharded, 2).full_tensor().isnan()
+
+
+@check("dtensor")
+def clip_grad_norm_of_dtensor_gradients(env: Env) -> None:
+    for max_norm, p in ((0.5, 2.0), (1.0, math.inf), (100.0, 2.0)):  # the last clips nothing
+        plain = [nn.Parameter(t.clone()) for t in tensors()]
+        sharded = [nn.Parameter(env.shard(t)) for t in tensors()]
+        for i, (a, b) in enumerate(zip(plain, sharded)):
+            if i != 2:  # one parameter without a gradient
+                a.grad = torch.linspace(-2, 3, a.numel()).reshape(a.shape)
+                b.grad = env.shard(a.grad)
+        expected = torch.nn.utils.clip_grad_norm_(plain, max_norm, p)
+        out = regfuse.clip_grad_norm_(sharded, max_norm, p)
+        close(out, expected, f"clip_grad_norm_({max_norm}, {p}): total norm")
+        for i, (a, b) in enumerate(zip(plain, sharded)):
+            assert (a.grad is None) == (b.grad is None)
+            if a.grad is not None:
+                assert b.grad.placements == b.placements
+                close(b.grad, a.grad, f"clip_grad_norm_({max_norm}, {p}): gradient {i}")
+
+
 @check("dtensor")
 def penalty_with_coefficients(env: Env) -> None:
     for coefficients in ([0.5, 2.0, 1.0, 3.0, 0.25], torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25])):
@@ -481,6 +546,20 @@ def activation_regularizer_scaled_per_sample(env: Env) -> None:
     loss.backward()
     act.remove()
     compare_grads(model, expected, "activation penalty / len(x)")
+
+
+@check("ddp-copy", "ddp-view", "fsdp2")
+def clip_with_the_global_norm(env: Env) -> None:
+    # DDP: identical gradients, nothing to all-reduce; FSDP2: the shards' norms reduced.
+    reference, _ = oracle_grads()
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+    model = wrap(env, MLP())
+    local_loss(env, model).backward()
+    total = regfuse.clip_grad_norm_(model.parameters(), 0.05)
+    assert isinstance(total, DTensor) == (env.config == "fsdp2")
+    close(full(total), expected, "the total norm")
+    assert float(expected) > 0.05, "the gradients should be clipped"
+    compare_grads(model, {n: p.grad for n, p in reference.named_parameters()}, "clipped gradients")
 
 
 @check("ddp-copy", "ddp-view", "fsdp2")
