@@ -166,29 +166,29 @@ def run_add_grad_(grads: Sequence[Tensor], params: Sequence[Tensor], weights: Te
         _write_back(grads, work)
 
 
+def _run_per_tensor_(tensors: Sequence[Tensor], values: Tensor, backend: str,
+                     info: Optional[ListInfo], check, kernel: str) -> None:
+    """Runs the backend's in-place ``kernel(tensors, values)``, ``values`` one number per
+    tensor (accumulation dtype), on contiguous stand-ins copied back where needed."""
+    if info is None:
+        info = inspect(tensors)
+        check(tensors, values, info)
+    impl = backends.resolve(backend, info.device)
+    work = _contiguous(tensors, info)
+    with torch.no_grad():
+        getattr(impl, kernel)(work, values)
+        _write_back(tensors, work)
+
+
 def run_prox_l1_(params: Sequence[Tensor], thresholds: Tensor, backend: str,
                  info: Optional[ListInfo] = None) -> None:
-    if info is None:
-        info = inspect(params)
-        _check_prox(params, thresholds, info)
-    impl = backends.resolve(backend, info.device)
-    work = _contiguous(params, info)
-    with torch.no_grad():
-        impl.prox_l1_(work, thresholds)
-        _write_back(params, work)
+    _run_per_tensor_(params, thresholds, backend, info, _check_prox, "prox_l1_")
 
 
 def run_scale_(tensors: Sequence[Tensor], factors: Tensor, backend: str,
                info: Optional[ListInfo] = None) -> None:
     """``tensors[i] *= factors[i]`` in place, fused (``factors``: ``(n,)``, accumulation dtype)."""
-    if info is None:
-        info = inspect(tensors)
-        _check_scale(tensors, factors, info)
-    impl = backends.resolve(backend, info.device)
-    work = _contiguous(tensors, info)
-    with torch.no_grad():
-        impl.scale_(work, factors)
-        _write_back(tensors, work)
+    _run_per_tensor_(tensors, factors, backend, info, _check_scale, "scale_")
 
 
 # ---- torch.library registration -------------------------------------------------------
