@@ -187,25 +187,48 @@ void reduce_op(const int64_t* meta, const MetaLayout& layout, const void* weight
   });
 }
 
-// Applies `op(x, i) -> Acc` to every element of every tensor, writing the rounded result
-// to `dest(i)` (same dtype as x), either replacing it or adding to it. Tensors for which
-// `skip(i)` holds are not touched.
-template <typename Acc, typename Op, typename Dest, typename Skip>
-void map_elements(const int64_t* meta, const MetaLayout& layout, bool accumulate, const Op& op,
+// `v` rounded to the storage type T, as static_cast<T> rounds it. For bfloat16 the same
+// bits as c10::BFloat16's conversion (nearest even, NaN -> 0x7FC0) without its branch,
+// so that a loop storing bfloat16 vectorizes.
+template <typename T, typename Acc>
+inline T to_storage(Acc v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const float f = static_cast<float>(v);
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// Applies the element function `op_for(i)` of tensor i (Acc -> Acc, its per-tensor
+// scalars copied into it, so that the loop does not reload them after every store) to
+// every element of every tensor, writing the rounded result to `dest(i)` (same dtype as
+// x), either replacing it or adding to it. Tensors for which `skip(i)` holds are not
+// touched.
+template <typename Acc, typename OpFor, typename Dest, typename Skip>
+void map_elements(const int64_t* meta, const MetaLayout& layout, bool accumulate, const OpFor& op_for,
                   const Dest& dest, const Skip& skip) {
   const int64_t* ptrs = meta + layout.ptrs();
   const int64_t* dtypes = meta + layout.dtypes();
   for_each_chunk(meta, layout, [&](int64_t, int64_t i, int64_t start, int64_t len) {
     if (skip(i)) return;
+    const auto op = op_for(i);
     dispatch_dtype(dtypes[i], [&](auto tag) {
       using T = decltype(tag);
       const T* x = reinterpret_cast<const T*>(ptrs[i]) + start;
       T* y = static_cast<T*>(dest(i)) + start;
       if (accumulate) {
         for (int64_t k = 0; k < len; ++k)
-          y[k] = static_cast<T>(static_cast<Acc>(y[k]) + op(static_cast<Acc>(x[k]), i));
+          y[k] = to_storage<T>(static_cast<Acc>(y[k]) + op(static_cast<Acc>(x[k])));
+      } else if (static_cast<const void*>(y) == static_cast<const void*>(x)) {
+        // In place through one pointer: with two, the compiler's overlap check fails for
+        // y == x and it falls back to a scalar loop.
+        for (int64_t k = 0; k < len; ++k) y[k] = to_storage<T>(op(static_cast<Acc>(y[k])));
       } else {
-        for (int64_t k = 0; k < len; ++k) y[k] = static_cast<T>(op(static_cast<Acc>(x[k]), i));
+        for (int64_t k = 0; k < len; ++k) y[k] = to_storage<T>(op(static_cast<Acc>(x[k])));
       }
     });
   });
@@ -236,7 +259,7 @@ void backward(const int64_t* meta, MetaLayout layout, const void* scales, bool a
     using Acc = decltype(acc_tag);
     const Acc* a = static_cast<const Acc*>(scales);
     const Acc* b = a + n;
-    auto grad = [&](Acc x, int64_t i) { return grad_term(x, a[i], b[i]); };
+    auto grad = [&](int64_t i) { return [ai = a[i], bi = b[i]](Acc x) { return grad_term(x, ai, bi); }; };
     auto dest = [&](int64_t i) { return reinterpret_cast<void*>(out_ptrs[i]); };
     map_elements<Acc>(meta, layout, accumulate, grad, dest, kTouchAll);
   });
@@ -247,7 +270,7 @@ void prox_l1(const int64_t* meta, MetaLayout layout, const void* thresholds, boo
   dispatch_acc(acc_double, [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
     const Acc* t = static_cast<const Acc*>(thresholds);
-    auto shrink = [&](Acc x, int64_t i) { return soft_threshold(x, t[i]); };
+    auto shrink = [&](int64_t i) { return [ti = t[i]](Acc x) { return soft_threshold(x, ti); }; };
     auto dest = [&](int64_t i) { return reinterpret_cast<void*>(ptrs[i]); };
     map_elements<Acc>(meta, layout, false, shrink, dest, kTouchAll);
   });
@@ -258,7 +281,7 @@ void scale(const int64_t* meta, MetaLayout layout, const void* factors, bool acc
   dispatch_acc(acc_double, [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
     const Acc* f = static_cast<const Acc*>(factors);
-    auto times = [&](Acc x, int64_t i) { return x * f[i]; };
+    auto times = [&](int64_t i) { return [fi = f[i]](Acc x) { return x * fi; }; };
     auto dest = [&](int64_t i) { return reinterpret_cast<void*>(ptrs[i]); };
     // x * 1 is x, bit for bit: an unclipped gradient is read by nobody and written by nobody.
     auto unchanged = [&](int64_t i) { return f[i] == Acc(1); };
