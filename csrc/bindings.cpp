@@ -89,6 +89,23 @@ bool grads_ready(py::handle list) {
   return true;
 }
 
+// The .grad of every tensor of the list that has one, in list order: clip_grad_norm_'s
+// `[p.grad for p in params if p.grad is not None]` without a Python loop (which costs
+// more than the fused kernels on 2,000 small tensors). None when the argument is not a
+// list of tensors; the Python loop then says what is wrong.
+py::object defined_grads(py::handle list) {
+  if (!PyList_Check(list.ptr())) return py::none();
+  const Py_ssize_t n = PyList_GET_SIZE(list.ptr());
+  py::list grads;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(list.ptr(), i);
+    if (!THPVariable_Check(item)) return py::none();
+    const at::Tensor& g = THPVariable_Unpack(item).grad();
+    if (g.defined()) grads.append(py::reinterpret_steal<py::object>(THPVariable_Wrap(g)));
+  }
+  return grads;
+}
+
 // The first pair (i, j) of tensors whose memory ranges overlap, or None. An in-place op
 // over a list that names the same memory twice would race with itself. Ranges span from
 // the lowest to the highest element address, so interleaved views count as overlapping.
@@ -564,6 +581,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("inspect", &inspect, "(acc_double, requires_grad, contiguous) of a valid list, else None");
   m.def("first_overlap", &first_overlap, "(i, j) of the first two tensors sharing memory, or None");
   m.def("grads_ready", &grads_ready, "every tensor has a dense contiguous .grad like itself");
+  m.def("defined_grads", &defined_grads, "the .grad of each tensor that has one, else None");
   m.def("check_gradients", &check_matching, "raise unless grads[i] is dense and like tensors[i]",
         py::arg("grads"), py::arg("tensors"));
   // stream: the current CUDA stream's handle (0 on the CPU); capturing: whether it is

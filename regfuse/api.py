@@ -400,6 +400,9 @@ def prox_l1_(params: TensorList, threshold: float, *, coefficients: Coefficients
 
 def _gradients(parameters: list) -> list[Tensor]:
     """The ``.grad`` of every parameter that has one, in order."""
+    grads = _C.defined_grads(parameters) if _C is not None else None
+    if grads is not None:
+        return grads
     try:
         return [g for g in [p.grad for p in parameters] if g is not None]
     except AttributeError:

@@ -177,7 +177,8 @@ def _run_per_tensor_(tensors: Sequence[Tensor], values: Tensor, backend: str,
     work = _contiguous(tensors, info)
     with torch.no_grad():
         getattr(impl, kernel)(work, values)
-        _write_back(tensors, work)
+        if not info.contiguous:  # else the kernel updated the tensors themselves
+            _write_back(tensors, work)
 
 
 def run_prox_l1_(params: Sequence[Tensor], thresholds: Tensor, backend: str,
