@@ -8,7 +8,8 @@ For every operation the providers compute the same thing on the same tensors:
 * ``naive_cat`` (penalties): the ``torch.cat([p.flatten() ...])`` variant;
 * ``naive_inplace`` (gradient update): ``p.grad += l1 * sign(p) + 2 * l2 * p`` per tensor;
 * ``foreach``: PyTorch's multi-tensor kernels (``torch._foreach_norm``, ``_foreach_add_``,
-  ``_foreach_sign``, ...);
+  ``_foreach_sign``, ...); for gradient clipping, ``torch.nn.utils.clip_grad_norm_``
+  with ``foreach=True`` (``naive`` is the same with ``foreach=False``, its loop);
 * ``compile``: ``torch.compile`` of the naive loop;
 * ``regfuse_<backend>``: this library on one backend.
 
@@ -29,6 +30,11 @@ import regfuse
 # Coefficients of a typical elastic-net setting; the threshold is lr * l1 for lr = 1e-2.
 L1, L2 = 1e-5, 1e-4
 THRESHOLD = 1e-7
+# Gradient clipping: the usual max_norm = 1, far below the norm of these lists (~100 for
+# ResNet-50), so every call scales every gradient; and max_norm = inf, the usual way to
+# get the norm without clipping, where a gradient's coefficient is exactly 1 (torch still
+# multiplies by it).
+MAX_NORM = 1.0
 
 
 @dataclass
@@ -58,6 +64,8 @@ class Op:
     allocate_grads: bool  # every tensor has a preallocated ``.grad`` (zeros)
     kinds: tuple[str, ...]  # the workload kinds it runs on
     description: str
+    grads_are_values: bool = False  # the ``.grad`` of every tensor is a copy of its values
+    max_norm: Optional[float] = None  # gradient clipping: its max_norm
 
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -72,7 +80,16 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("prox_l1_", 2, True, False, False, ("params",), "in-place soft-thresholding"),
     Op("activity_fwd_bwd", 3, True, True, False, ("activations",),
        "L1 activity penalty forward + torch.autograd.grad"),
+    # Clipping reads every gradient, then reads and writes it; below max_norm a perfect
+    # implementation only reads it.
+    Op("clip_grad_norm_", 3, True, False, False, ("params",),
+       "clip_grad_norm_(max_norm=1): total norm, every gradient scaled", grads_are_values=True,
+       max_norm=MAX_NORM),
+    Op("clip_grad_norm_unclipped", 1, False, False, False, ("params",),
+       "clip_grad_norm_(max_norm=inf): the norm, no gradient changes", grads_are_values=True,
+       max_norm=float("inf")),
 )}
+CLIP_OPS = tuple(name for name, op in OPS.items() if op.max_norm is not None)
 
 
 def make_state(op: Op, tensors: list[Tensor], clone: bool = False) -> State:
@@ -82,6 +99,9 @@ def make_state(op: Op, tensors: list[Tensor], clone: bool = False) -> State:
     if op.allocate_grads:
         for t in leaves:
             t.grad = torch.zeros_like(t)
+    if op.grads_are_values:  # the parameters are not modified: only their gradients are
+        for t in leaves:
+            t.grad = t.detach().clone()
     return State(leaves)
 
 
@@ -155,6 +175,12 @@ def _foreach_prox(state: State) -> None:
     torch._foreach_copy_(state.tensors, shrunk)
 
 
+def _torch_clip(max_norm: float, foreach: bool) -> Provider:
+    def clip(state: State) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(state.tensors, max_norm, foreach=foreach)
+    return clip
+
+
 # Per operation: the baseline providers, in table order ("naive" first), and which of
 # them torch.compile is given.
 _BASELINES: dict[str, dict[str, Provider]] = {
@@ -167,6 +193,8 @@ _BASELINES: dict[str, dict[str, Provider]] = {
                           "foreach": _foreach_add_grad},
     "prox_l1_": {"naive": _loop_prox, "foreach": _foreach_prox},
     "activity_fwd_bwd": {"naive": _loop_activity, "foreach": _foreach_activity},
+    **{name: {"naive": _torch_clip(OPS[name].max_norm, foreach=False),
+              "foreach": _torch_clip(OPS[name].max_norm, foreach=True)} for name in CLIP_OPS},
 }
 _COMPILED_BASELINE = {"add_penalty_grad_": "naive_inplace"}  # default: "naive"
 
@@ -184,6 +212,8 @@ def _regfuse(op: Op, backend: str) -> Provider:
         return lambda s: regfuse.prox_l1_(s.tensors, THRESHOLD, backend=backend)
     if name == "activity_fwd_bwd":
         return lambda s: regfuse.penalty(s.tensors, l1=L1, backend=backend)
+    if name in CLIP_OPS:
+        return lambda s: regfuse.clip_grad_norm_(s.tensors, op.max_norm, backend=backend)
     raise ValueError(f"no regfuse provider for {name}")
 
 
@@ -229,6 +259,8 @@ def observe(op: Op, state: State, result: object) -> list[Tensor]:
     """What one call produced, as float tensors comparable across providers."""
     if op.name in ("penalty_fwd_bwd", "add_penalty_grad_"):
         out = [t.grad for t in state.tensors]
+    elif op.name in CLIP_OPS:  # the returned norm, then the clipped gradients
+        out = [result] + [t.grad for t in state.tensors]
     elif op.name == "prox_l1_":
         out = state.tensors
     elif op.name == "activity_fwd_bwd":
@@ -261,3 +293,18 @@ def mismatch(op: Op, tensors: list[Tensor], candidate: Provider, reference: Prov
         except AssertionError as err:
             return f"output {i}: {str(err).splitlines()[0]} ({str(err).splitlines()[-1].strip()})"
     return None
+
+
+def relative_error(op: Op, tensors: list[Tensor], provider: Provider) -> Optional[float]:
+    """For the ops that return a total norm: its relative error against float64.
+
+    The oracle is the L2 norm of every element upcast to float64 (exact for float32 and
+    bfloat16 values); the provider runs once on fresh gradients. ``None`` for other ops.
+    """
+    if op.name not in CLIP_OPS:
+        return None
+    state = make_state(op, tensors)
+    total = float(provider(state))
+    exact = float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(t.detach().double()) for t in tensors])))
+    return abs(total - exact) / exact

@@ -38,10 +38,12 @@ class Row:
     speedup_foreach: Optional[float]
     gbps: float  # bytes_moved / median
     limit_fraction: Optional[float] = None  # gbps over the machine's limit: see with_limits
+    rel_error: Optional[float] = None  # returned total norm against float64 (clipping ops)
 
 
 def group_rows(workload: Workload, op: Op, timings: dict[str, Timing],
-               launches: dict[str, Optional[int]]) -> list[Row]:
+               launches: dict[str, Optional[int]],
+               errors: Optional[dict[str, Optional[float]]] = None) -> list[Row]:
     """The rows of one (workload, op) group: speed-ups are against the same run's baselines."""
     nbytes = op.passes * workload.nbytes
     naive, foreach = timings.get("naive"), timings.get("foreach")
@@ -55,7 +57,7 @@ def group_rows(workload: Workload, op: Op, timings: dict[str, Timing],
             launches=launches.get(name),
             speedup_naive=naive.median / t.median if naive else None,
             speedup_foreach=foreach.median / t.median if foreach else None,
-            gbps=nbytes / t.median / 1e9))
+            gbps=nbytes / t.median / 1e9, rel_error=(errors or {}).get(name)))
     return rows
 
 
@@ -80,7 +82,7 @@ def _times(x: Optional[float]) -> str:
 
 
 COLUMNS = ("workload", "op", "provider", "median ms", "IQR ms", "vs naive", "vs foreach",
-           "GB/s", "% limit", "launches", "compile s")
+           "GB/s", "% limit", "launches", "compile s", "rel err")
 
 
 def _cells(row: Row) -> list[str]:
@@ -88,7 +90,8 @@ def _cells(row: Row) -> list[str]:
             _times(row.speedup_naive), _times(row.speedup_foreach), f"{row.gbps:.2f}",
             "" if row.limit_fraction is None else f"{100 * row.limit_fraction:.0f}%",
             "n/a" if row.launches is None else str(row.launches),
-            "" if row.compile_s is None else f"{row.compile_s:.1f}"]
+            "" if row.compile_s is None else f"{row.compile_s:.1f}",
+            "" if row.rel_error is None else f"{row.rel_error:.1e}"]
 
 
 def text_table(rows: Sequence[Row]) -> str:

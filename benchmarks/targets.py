@@ -36,7 +36,7 @@ class Target:
     cases: list[Case]
     metric: Callable[[Row, Sequence[Row]], Optional[float]]
     threshold: float
-    unit: str  # how a metric value prints: "x", "%" or "" (a count)
+    unit: str  # how a metric value prints: "x", "%", "e" (scientific) or "" (a count)
     at_most: bool = False  # the metric must be <= threshold instead
 
     def evaluate(self, rows: Sequence[Row]) -> Outcome:
@@ -59,6 +59,8 @@ class Target:
     def _format(self, value: float) -> str:
         if self.unit == "%":
             return f"{100 * value:.0f}%"
+        if self.unit == "e":
+            return f"{value:.1e}"
         return f"{value:.2f}x" if self.unit == "x" else f"{value:g}"
 
 
@@ -77,6 +79,10 @@ def _bandwidth_of(limit: float) -> Callable[[Row, Sequence[Row]], float]:
 def _speedup_compile(row: Row, rows: Sequence[Row]) -> Optional[float]:
     compiled = find(rows, row.workload, row.op, "compile")
     return compiled.median_s / row.median_s if compiled else None
+
+
+def _rel_error(row: Row, rows: Sequence[Row]) -> Optional[float]:
+    return row.rel_error
 
 
 def _launches(row: Row, rows: Sequence[Row]) -> Optional[float]:
@@ -103,7 +109,33 @@ def cpu_targets(limits: Limits) -> list[Target]:
                [(resnet, "add_penalty_grad_")], _speedup_naive, 6.0, "x"),
         Target("norms(p=2), 2,000 x 256: >= 10x torch._foreach_norm", "regfuse_cpu",
                [(tiny, "norms_p2")], _speedup_foreach, 10.0, "x"),
+        *clip_targets("regfuse_cpu", foreach_speedup=2.0, tiny_speedup=3.0),
     ]
+
+
+# ResNet-50, GPT-2 small and 2,000 tiny tensors, each in float32 and bfloat16 + float32.
+CLIP_WORKLOADS = ("resnet50", "resnet50_mixed", "gpt2_small", "gpt2_small_mixed", "tiny_2000x256",
+                  "tiny_2000x256_mixed")
+
+
+def clip_targets(provider: str, foreach_speedup: Optional[float] = None,
+                 tiny_speedup: Optional[float] = None) -> list[Target]:
+    """clip_grad_norm_ against torch's foreach path, clipping and not, and its accuracy."""
+    targets = []
+    for op, what in (("clip_grad_norm_", "clipping"), ("clip_grad_norm_unclipped", "max_norm=inf")):
+        if foreach_speedup is not None:
+            targets.append(Target(
+                f"clip_grad_norm_ ({what}), ResNet-50 + GPT-2 + 2,000 tiny, f32 and bf16/f32: "
+                f">= {foreach_speedup:g}x torch foreach", provider, [(w, op) for w in CLIP_WORKLOADS],
+                _speedup_foreach, foreach_speedup, "x"))
+        if tiny_speedup is not None:
+            tiny = [(w, op) for w in CLIP_WORKLOADS if w.startswith("tiny")]
+            targets.append(Target(f"clip_grad_norm_ ({what}), 2,000 tiny: >= {tiny_speedup:g}x torch foreach",
+                                  provider, tiny, _speedup_foreach, tiny_speedup, "x"))
+    targets.append(Target("clip_grad_norm_: returned norm within 1e-6 (relative) of float64", provider,
+                          [(w, op) for w in CLIP_WORKLOADS for op in ("clip_grad_norm_", "clip_grad_norm_unclipped")],
+                          _rel_error, 1e-6, "e", at_most=True))
+    return targets
 
 
 def gpu_targets(limits: Limits, backend: str) -> list[Target]:
@@ -131,6 +163,7 @@ def gpu_targets(limits: Limits, backend: str) -> list[Target]:
                [(w, "penalty_fwd_bwd") for w in large], _backward_launches, 1, "", at_most=True),
         Target("add_penalty_grad_: one kernel launch", provider,
                [(w, "add_penalty_grad_") for w in large], _launches, 1, "", at_most=True),
+        *clip_targets(provider),
     ]
 
 

@@ -3,7 +3,7 @@
 Parameter lists are generated from each architecture's definition (nothing is
 downloaded): ResNet-50 (torchvision), BERT-base (uncased), GPT-2 small and ViT-B/16.
 The other workloads cover what the model lists do not: 2,000 tiny tensors (where launch
-and per-tensor host costs dominate), a mixed bfloat16/float32 list, activations
+and per-tensor host costs dominate), mixed bfloat16/float32 lists, activations
 captured from a network, and a size sweep for the bandwidth-against-size plot.
 
 A :class:`Workload` holds only shapes and dtypes; :meth:`Workload.make` allocates the
@@ -164,6 +164,11 @@ def model_workloads(activation_batch: int) -> dict[str, Workload]:
         Workload("tiny_2000x256", "params", _f32([(256,)] * 2000), "2,000 float32 tensors of 256"),
         Workload("resnet50_mixed", "params", _mixed(resnet50_shapes()),
                  "ResNet-50 parameters, bfloat16 weights + float32 1-D"),
+        Workload("gpt2_small_mixed", "params", _mixed(gpt2_small_shapes()),
+                 "GPT-2 small (124M) parameters, bfloat16 weights + float32 1-D"),
+        Workload("tiny_2000x256_mixed", "params",
+                 tuple(((256,), torch.bfloat16 if i % 2 else torch.float32) for i in range(2000)),
+                 "2,000 tensors of 256, bfloat16 and float32 alternating"),
         Workload("activations", "activations", _f32(resnet_activation_shapes(activation_batch)),
                  f"24 ReLU outputs, ResNet-50 trunk, batch {activation_batch}", values="relu"),
     ]
