@@ -31,10 +31,14 @@ import regfuse
 L1, L2 = 1e-5, 1e-4
 THRESHOLD = 1e-7
 # Gradient clipping: the usual max_norm = 1, far below the norm of these lists (~100 for
-# ResNet-50), so every call scales every gradient; and max_norm = inf, the usual way to
-# get the norm without clipping, where a gradient's coefficient is exactly 1 (torch still
-# multiplies by it).
+# ResNet-50); and max_norm = inf, the usual way to get the norm without clipping, where a
+# gradient's coefficient is exactly 1 (torch still multiplies by it). Clipping works in
+# place, so a repeated call would find a norm of max_norm and nothing left to clip (a
+# coefficient of exactly 1 in float32): call k of a measurement clips to
+# MAX_NORM * CLIP_DECAY**k instead, just below the norm the previous call left, so that
+# every call of every provider scales every gradient.
 MAX_NORM = 1.0
+CLIP_DECAY = 0.999
 
 
 @dataclass
@@ -42,6 +46,7 @@ class State:
     """The tensors one provider works on; ``.grad`` is set where the operation needs it."""
 
     tensors: list[Tensor]
+    calls: int = 0  # clipping calls made on these tensors so far (see CLIP_DECAY)
 
 
 Provider = Callable[[State], object]
@@ -175,9 +180,17 @@ def _foreach_prox(state: State) -> None:
     torch._foreach_copy_(state.tensors, shrunk)
 
 
-def _torch_clip(max_norm: float, foreach: bool) -> Provider:
+def _clip_max_norm(op: Op, state: State) -> float:
+    """The max_norm of this call: op.max_norm, decayed per call when it clips."""
+    if op.max_norm == float("inf"):
+        return op.max_norm
+    state.calls += 1
+    return op.max_norm * CLIP_DECAY ** (state.calls - 1)
+
+
+def _torch_clip(op: Op, foreach: bool) -> Provider:
     def clip(state: State) -> Tensor:
-        return torch.nn.utils.clip_grad_norm_(state.tensors, max_norm, foreach=foreach)
+        return torch.nn.utils.clip_grad_norm_(state.tensors, _clip_max_norm(op, state), foreach=foreach)
     return clip
 
 
@@ -193,8 +206,8 @@ _BASELINES: dict[str, dict[str, Provider]] = {
                           "foreach": _foreach_add_grad},
     "prox_l1_": {"naive": _loop_prox, "foreach": _foreach_prox},
     "activity_fwd_bwd": {"naive": _loop_activity, "foreach": _foreach_activity},
-    **{name: {"naive": _torch_clip(OPS[name].max_norm, foreach=False),
-              "foreach": _torch_clip(OPS[name].max_norm, foreach=True)} for name in CLIP_OPS},
+    **{name: {"naive": _torch_clip(OPS[name], foreach=False),
+              "foreach": _torch_clip(OPS[name], foreach=True)} for name in CLIP_OPS},
 }
 _COMPILED_BASELINE = {"add_penalty_grad_": "naive_inplace"}  # default: "naive"
 
@@ -213,7 +226,7 @@ def _regfuse(op: Op, backend: str) -> Provider:
     if name == "activity_fwd_bwd":
         return lambda s: regfuse.penalty(s.tensors, l1=L1, backend=backend)
     if name in CLIP_OPS:
-        return lambda s: regfuse.clip_grad_norm_(s.tensors, op.max_norm, backend=backend)
+        return lambda s: regfuse.clip_grad_norm_(s.tensors, _clip_max_norm(op, s), backend=backend)
     raise ValueError(f"no regfuse provider for {name}")
 
 
