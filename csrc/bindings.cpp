@@ -174,11 +174,13 @@ void check_matching(const std::vector<at::Tensor>& grads, const std::vector<at::
   }
 }
 
-// A table of per-tensor numbers the kernels index by tensor: `rows` x n (one row: shape
-// (n,)) in the accumulation dtype on the tensors' device; returned contiguous.
+// A table of per-tensor numbers the kernels index by table entry: `rows` x n (one row:
+// shape (n,)) in the accumulation dtype on the tensors' device, n the number of entries
+// (`entries`; by default one per tensor); returned contiguous.
 at::Tensor per_tensor_table(const c10::optional<at::Tensor>& table, const char* name, int64_t rows,
-                            const std::vector<at::Tensor>& tensors, bool acc_double) {
-  const int64_t n = static_cast<int64_t>(tensors.size());
+                            const std::vector<at::Tensor>& tensors, bool acc_double,
+                            int64_t entries = -1) {
+  const int64_t n = entries >= 0 ? entries : static_cast<int64_t>(tensors.size());
   const at::ScalarType acc = acc_double ? at::kDouble : at::kFloat;
   const std::vector<int64_t> shape = rows == 1 ? std::vector<int64_t>{n} : std::vector<int64_t>{rows, n};
   TORCH_CHECK_VALUE(table.has_value() && table->defined(), "regfuse: ", name, " are required");
@@ -191,11 +193,49 @@ at::Tensor per_tensor_table(const c10::optional<at::Tensor>& table, const char* 
   return t.contiguous();
 }
 
+// ---- table entries: the tensors, or their rows ---------------------------------------
+
+// Rows of a tensor along dim 0, the groups of the group ops: a 0-d tensor is one row
+// (regfuse/backends/base.py::row_counts).
+int64_t rows_of(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
+
+// Entries of a table over `tensors`, whose data pointers are `ptrs`: the tensors
+// themselves, or with `by_rows` their rows (multi_tensor.h::row_entries).
+Entries entries_of(const std::vector<at::Tensor>& tensors, std::vector<int64_t> ptrs, bool by_rows) {
+  const size_t n = tensors.size();
+  std::vector<int64_t> numels(n), dtypes(n);
+  for (size_t i = 0; i < n; ++i) {
+    numels[i] = tensors[i].numel();
+    dtypes[i] = dtype_code(tensors[i].scalar_type());
+  }
+  if (!by_rows) return Entries{std::move(ptrs), std::move(numels), std::move(dtypes), {}};
+  std::vector<int64_t> rows(n), row_numels(n);
+  for (size_t i = 0; i < n; ++i) {
+    rows[i] = rows_of(tensors[i]);
+    row_numels[i] = rows[i] == 0 ? 0 : numels[i] / rows[i];
+  }
+  return row_entries(ptrs, rows, row_numels, dtypes);
+}
+
+std::vector<int64_t> data_ptrs(const std::vector<at::Tensor>& tensors) {
+  std::vector<int64_t> ptrs;
+  ptrs.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) ptrs.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+  return ptrs;
+}
+
+int64_t num_entries(const std::vector<at::Tensor>& tensors, bool by_rows) {
+  if (!by_rows) return static_cast<int64_t>(tensors.size());
+  int64_t total = 0;
+  for (const at::Tensor& t : tensors) total += rows_of(t);
+  return total;
+}
+
 // ---- metadata cache ------------------------------------------------------------------
 // Keyed by everything the table is computed from (chunk size, device, data pointers,
-// sizes, dtypes) and by the stream that uses it, so a hit is always the right table; a
-// training loop that passes the same parameters every step pays one host build and one
-// upload in all.
+// sizes, dtypes, and row counts for a table over rows) and by the stream that uses it, so
+// a hit is always the right table; a training loop that passes the same parameters every
+// step pays one host build and one upload in all.
 //
 // No host synchronization: a miss uploads from pinned memory with a non-blocking copy on
 // the current stream, and the pinned block stays in the entry (alive as long as the
@@ -228,18 +268,23 @@ struct KeyHash {
 
 class MetadataCache {
  public:
-  Metadata get(const std::vector<at::Tensor>& tensors, int64_t chunk_size, int64_t stream, bool capturing) {
+  Metadata get(const std::vector<at::Tensor>& tensors, int64_t chunk_size, int64_t stream, bool capturing,
+               bool by_rows) {
     const int64_t n = static_cast<int64_t>(tensors.size());
     const at::Device device = tensors[0].device();
     std::vector<int64_t> key;
-    key.reserve(3 * n + kHeader);
+    key.reserve(4 * n + kHeader);
     key.push_back(chunk_size);
     key.push_back(static_cast<int64_t>(device.type()));
     key.push_back(device.index());
     key.push_back(stream);  // kStreamSlot
+    key.push_back(by_rows);  // kRowsSlot
     for (const at::Tensor& t : tensors) key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
     for (const at::Tensor& t : tensors) key.push_back(t.numel());
     for (const at::Tensor& t : tensors) key.push_back(dtype_code(t.scalar_type()));
+    if (by_rows) {
+      for (const at::Tensor& t : tensors) key.push_back(rows_of(t));
+    }
 
     std::lock_guard<std::mutex> lock(mutex_);
     const auto permanent = permanent_.find(key);
@@ -264,7 +309,7 @@ class MetadataCache {
         return meta;
       }
     }
-    const Metadata meta = build(key, n, chunk_size, device);
+    const Metadata meta = build(tensors, key, n, chunk_size, device);
     if (capturing) {
       permanent_.emplace(std::move(key), meta);
     } else {
@@ -280,17 +325,16 @@ class MetadataCache {
 
  private:
   static constexpr size_t kCapacity = 64;
-  static constexpr size_t kHeader = 4;      // chunk size, device type, device index, stream
+  static constexpr size_t kHeader = 5;      // chunk size, device type, device index, stream, rows
   static constexpr size_t kStreamSlot = 3;
+  static constexpr size_t kRowsSlot = 4;
 
-  static Metadata build(const std::vector<int64_t>& key, int64_t n, int64_t chunk_size,
-                        const at::Device& device) {
+  static Metadata build(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& key,
+                        int64_t n, int64_t chunk_size, const at::Device& device) {
     const auto first = key.begin() + kHeader;
-    const std::vector<int64_t> ptrs(first, first + n);
-    const std::vector<int64_t> numels(first + n, first + 2 * n);
-    const std::vector<int64_t> dtypes(first + 2 * n, key.end());
+    const Entries entries = entries_of(tensors, std::vector<int64_t>(first, first + n), key[kRowsSlot] != 0);
     Metadata meta;
-    const std::vector<int64_t> host = build_metadata(ptrs, numels, dtypes, chunk_size, &meta.layout);
+    const std::vector<int64_t> host = build_metadata(entries, chunk_size, &meta.layout);
     flat_sizes(host.data(), meta.layout, meta.flat_size);
     const auto size = static_cast<int64_t>(host.size());
     meta.host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(device.is_cuda()));
@@ -344,12 +388,14 @@ int64_t chunk_size_for(const std::vector<at::Tensor>& tensors) {
   return cpu::kChunkSize;
 }
 
-// The table of a checked list (check_list) for this extension's kernels.
-Metadata metadata_for(const std::vector<at::Tensor>& tensors, int64_t stream, bool capturing) {
+// The table of a checked list (check_list) for this extension's kernels; with `rows`,
+// over the rows of its tensors.
+Metadata metadata_for(const std::vector<at::Tensor>& tensors, int64_t stream, bool capturing,
+                      bool rows = false) {
 #ifndef REGFUSE_WITH_CUDA
   TORCH_CHECK(!on_cuda(tensors), "regfuse: this build of the extension has no CUDA kernels");
 #endif
-  return metadata_cache().get(tensors, chunk_size_for(tensors), stream, capturing);
+  return metadata_cache().get(tensors, chunk_size_for(tensors), stream, capturing, rows);
 }
 
 #ifdef REGFUSE_WITH_CUDA
@@ -361,23 +407,27 @@ void* stream_ptr(int64_t stream) { return reinterpret_cast<void*>(stream); }
 // ---- ops -------------------------------------------------------------------------------
 
 // `stream` is the current CUDA stream of the tensors' device (0 for CPU tensors) and
-// `capturing` whether it is capturing a CUDA graph (see MetadataCache).
+// `capturing` whether it is capturing a CUDA graph (see MetadataCache). `rows`: the
+// table's entries are the rows of the tensors (per-row results and scales).
 at::Tensor reduce(const std::vector<at::Tensor>& tensors, int64_t op,
                   const c10::optional<at::Tensor>& weights, bool acc_double, int64_t stream,
-                  bool capturing, double p) {
+                  bool capturing, double p, bool rows) {
   check_list(tensors, "tensor");
-  TORCH_CHECK_VALUE(op >= kL1 && op <= kNegInf, "regfuse: unknown reduction ", op);
+  TORCH_CHECK_VALUE(op >= kL1 && op <= kL1L2, "regfuse: unknown reduction ", op);
+  TORCH_CHECK_VALUE(!(rows && op == kPenalty), "regfuse: the penalty reduction takes per-tensor weights, not rows");
   TORCH_CHECK_VALUE(op != kLp || (p > 0 && std::isfinite(p)),
                     "regfuse: the order of kLp must be a finite p > 0, got ", p);
   // Only kPenalty reads weights: (2, n).
   const at::Tensor w = op == kPenalty ? per_tensor_table(weights, "weights", 2, tensors, acc_double)
                                       : at::Tensor();
   const void* w_ptr = w.defined() ? w.data_ptr() : nullptr;
-  const Metadata meta = metadata_for(tensors, stream, capturing);
+  const Metadata meta = metadata_for(tensors, stream, capturing, rows);
   c10::DeviceGuard guard(tensors[0].device());
   const auto options = tensors[0].options().dtype(acc_double ? at::kDouble : at::kFloat);
+  const int64_t entries = meta.layout.num_tensors;
   at::Tensor out = op == kPenalty ? at::empty({}, options)
-                                  : at::empty({static_cast<int64_t>(tensors.size())}, options);
+                   : op == kL1L2  ? at::empty({2, entries}, options)
+                                  : at::empty({entries}, options);
   const int64_t* table = meta.table.data_ptr<int64_t>();
   if (on_cuda(tensors)) {
 #ifdef REGFUSE_WITH_CUDA
@@ -432,15 +482,15 @@ GradBufferPool& cpu_grad_pool() {
 }
 
 // Gradient outputs shaped like `tensors`: views of one flat buffer per dtype, tensor i at
-// the table's (aligned) flat_offset[i], where the CUDA kernels write it; with each view's
-// data pointer.
+// the table's (aligned) flat_offset of its first entry, where the CUDA kernels write it
+// (its rows follow it in the same slot); with each view's data pointer.
 struct GradOutputs {
   std::vector<at::Tensor> grads;
   std::vector<int64_t> ptrs;
   void* base[kNumDTypes] = {nullptr, nullptr, nullptr, nullptr};
 };
 
-GradOutputs allocate_grads(const std::vector<at::Tensor>& tensors, const Metadata& meta) {
+GradOutputs allocate_grads(const std::vector<at::Tensor>& tensors, const Metadata& meta, bool rows) {
   static const at::ScalarType kTypes[kNumDTypes] = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
   const bool pooled = tensors[0].device().is_cpu();
   at::Tensor flat[kNumDTypes];
@@ -455,15 +505,17 @@ GradOutputs allocate_grads(const std::vector<at::Tensor>& tensors, const Metadat
   out.grads.reserve(tensors.size());
   out.ptrs.reserve(tensors.size());
   const int64_t* flat_offset = meta.host.data_ptr<int64_t>() + meta.layout.flat_offset();
+  int64_t entry = 0;  // the first entry of tensor i
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     const int64_t d = dtype_code(t.scalar_type());
     if (t.numel() == 0) {  // no flat buffer exists for a dtype whose tensors are all empty
       out.grads.push_back(at::empty(t.sizes(), t.options()));
     } else {
-      out.grads.push_back(flat[d].narrow(0, flat_offset[i], t.numel()).view(t.sizes()));
+      out.grads.push_back(flat[d].narrow(0, flat_offset[entry], t.numel()).view(t.sizes()));
     }
     out.ptrs.push_back(reinterpret_cast<int64_t>(out.grads.back().data_ptr()));
+    entry += rows ? rows_of(t) : 1;
   }
   return out;
 }
@@ -472,14 +524,14 @@ GradOutputs allocate_grads(const std::vector<at::Tensor>& tensors, const Metadat
 // gradients (views of one flat buffer per dtype).
 std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, const at::Tensor& scales,
                                      bool acc_double, const std::vector<at::Tensor>* into,
-                                     int64_t stream, bool capturing) {
+                                     int64_t stream, bool capturing, bool rows) {
   check_list(tensors, "tensor");
   if (into != nullptr) {
     check_matching(*into, tensors);
     check_list(*into, "gradient");
   }
-  const at::Tensor s = per_tensor_table(scales, "scales", 2, tensors, acc_double);
-  const Metadata meta = metadata_for(tensors, stream, capturing);
+  const at::Tensor s = per_tensor_table(scales, "scales", 2, tensors, acc_double, num_entries(tensors, rows));
+  const Metadata meta = metadata_for(tensors, stream, capturing, rows);
   c10::DeviceGuard guard(tensors[0].device());
   const int64_t* table = meta.table.data_ptr<int64_t>();
   if (on_cuda(tensors)) {
@@ -488,10 +540,10 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, con
     const int64_t* out_table = nullptr;
     Metadata out_meta;
     if (into != nullptr) {
-      out_meta = metadata_for(*into, stream, capturing);
+      out_meta = metadata_for(*into, stream, capturing, rows);
       out_table = out_meta.table.data_ptr<int64_t>();
     } else {
-      out = allocate_grads(tensors, meta);
+      out = allocate_grads(tensors, meta, rows);
     }
     check_cuda_status(cuda::backward(table, meta.layout, s.data_ptr(), acc_double, out_table,
                                      out.base, stream_ptr(stream)));
@@ -500,11 +552,11 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, con
   }
   GradOutputs out;
   if (into != nullptr) {
-    out.ptrs.reserve(into->size());
-    for (const at::Tensor& g : *into) out.ptrs.push_back(reinterpret_cast<int64_t>(g.data_ptr()));
+    out.ptrs = data_ptrs(*into);
   } else {
-    out = allocate_grads(tensors, meta);
+    out = allocate_grads(tensors, meta, rows);
   }
+  if (rows) out.ptrs = entries_of(tensors, std::move(out.ptrs), true).ptrs;  // one per row
   {
     py::gil_scoped_release no_gil;
     cpu::backward(table, meta.layout, s.data_ptr(), acc_double, out.ptrs.data(), into != nullptr);
@@ -513,23 +565,25 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, con
 }
 
 std::vector<at::Tensor> grad(const std::vector<at::Tensor>& tensors, const at::Tensor& scales,
-                             bool acc_double, int64_t stream, bool capturing) {
-  return run_backward(tensors, scales, acc_double, nullptr, stream, capturing);
+                             bool acc_double, int64_t stream, bool capturing, bool rows) {
+  return run_backward(tensors, scales, acc_double, nullptr, stream, capturing, rows);
 }
 
 void add_grad_(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& tensors,
-               const at::Tensor& scales, bool acc_double, int64_t stream, bool capturing) {
-  run_backward(tensors, scales, acc_double, &grads, stream, capturing);
+               const at::Tensor& scales, bool acc_double, int64_t stream, bool capturing, bool rows) {
+  run_backward(tensors, scales, acc_double, &grads, stream, capturing, rows);
 }
 
-// The in-place element-wise ops: each element of tensor i is updated with per_tensor[i].
+// The in-place element-wise ops: each element of entry i is updated with per_tensor[i]
+// (entries: the tensors, or with `rows` their rows).
 enum class InPlace { kProxL1, kScale };
 
 void update_in_place(const std::vector<at::Tensor>& tensors, const at::Tensor& per_tensor,
-                     const char* name, bool acc_double, int64_t stream, bool capturing, InPlace kind) {
+                     const char* name, bool acc_double, int64_t stream, bool capturing, InPlace kind,
+                     bool rows = false) {
   check_list(tensors, "tensor");
-  const at::Tensor t = per_tensor_table(per_tensor, name, 1, tensors, acc_double);
-  const Metadata meta = metadata_for(tensors, stream, capturing);
+  const at::Tensor t = per_tensor_table(per_tensor, name, 1, tensors, acc_double, num_entries(tensors, rows));
+  const Metadata meta = metadata_for(tensors, stream, capturing, rows);
   c10::DeviceGuard guard(tensors[0].device());
   const int64_t* table = meta.table.data_ptr<int64_t>();
   if (on_cuda(tensors)) {
@@ -549,18 +603,19 @@ void prox_l1_(const std::vector<at::Tensor>& tensors, const at::Tensor& threshol
   update_in_place(tensors, thresholds, "thresholds", acc_double, stream, capturing, InPlace::kProxL1);
 }
 
+// With `rows`, one factor per row: block soft-thresholding scales each group by its factor.
 void scale_(const std::vector<at::Tensor>& tensors, const at::Tensor& factors, bool acc_double,
-            int64_t stream, bool capturing) {
-  update_in_place(tensors, factors, "factors", acc_double, stream, capturing, InPlace::kScale);
+            int64_t stream, bool capturing, bool rows) {
+  update_in_place(tensors, factors, "factors", acc_double, stream, capturing, InPlace::kScale, rows);
 }
 
-// The cached table for a list and a chunk size, for the Triton kernels.
+// The cached table for a list (or its rows) and a chunk size, for the Triton kernels.
 py::tuple metadata(const std::vector<at::Tensor>& tensors, int64_t chunk_size, int64_t stream,
-                   bool capturing) {
+                   bool capturing, bool rows) {
   check_list(tensors, "tensor");
   TORCH_CHECK_VALUE(chunk_size > 0 && chunk_size % (kAlignment / kElementSize[kFloat16]) == 0,
                     "regfuse: the chunk size must be a positive multiple of 8 elements, got ", chunk_size);
-  const Metadata meta = metadata_cache().get(tensors, chunk_size, stream, capturing);
+  const Metadata meta = metadata_cache().get(tensors, chunk_size, stream, capturing, rows);
   return py::make_tuple(meta.table, meta.layout.num_chunks);
 }
 
@@ -585,24 +640,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_gradients", &check_matching, "raise unless grads[i] is dense and like tensors[i]",
         py::arg("grads"), py::arg("tensors"));
   // stream: the current CUDA stream's handle (0 on the CPU); capturing: whether it is
-  // capturing a CUDA graph. Both key and pin the cached tables (MetadataCache).
-  m.def("reduce", &reduce, "per-tensor norms or the weighted penalty", py::arg("tensors"),
+  // capturing a CUDA graph. Both key and pin the cached tables (MetadataCache). rows: the
+  // table's entries are the rows of each tensor along dim 0 (per-row results, scales and
+  // factors).
+  m.def("reduce", &reduce, "per-entry norms or the weighted penalty", py::arg("tensors"),
         py::arg("op"), py::arg("weights"), py::arg("acc_double"), py::arg("stream") = 0,
-        py::arg("capturing") = false, py::arg("p") = 0.0);
-  m.def("grad", &grad, "a*sign(x)+b*x per tensor, as views of one flat buffer per dtype",
+        py::arg("capturing") = false, py::arg("p") = 0.0, py::arg("rows") = false);
+  m.def("grad", &grad, "a*sign(x)+b*x per entry, as views of one flat buffer per dtype",
         py::arg("tensors"), py::arg("scales"), py::arg("acc_double"), py::arg("stream") = 0,
-        py::arg("capturing") = false);
+        py::arg("capturing") = false, py::arg("rows") = false);
   m.def("add_grad_", &add_grad_, "grads[i] += a*sign(x)+b*x in place", py::arg("grads"),
         py::arg("tensors"), py::arg("scales"), py::arg("acc_double"), py::arg("stream") = 0,
-        py::arg("capturing") = false);
+        py::arg("capturing") = false, py::arg("rows") = false);
   m.def("prox_l1_", &prox_l1_, "in-place soft-thresholding", py::arg("tensors"),
         py::arg("thresholds"), py::arg("acc_double"), py::arg("stream") = 0,
         py::arg("capturing") = false);
-  m.def("scale_", &scale_, "in-place x *= factors[i]; tensors with factor 1 untouched",
+  m.def("scale_", &scale_, "in-place x *= factors[i]; entries with factor 1 untouched",
         py::arg("tensors"), py::arg("factors"), py::arg("acc_double"), py::arg("stream") = 0,
-        py::arg("capturing") = false);
+        py::arg("capturing") = false, py::arg("rows") = false);
   m.def("metadata", &metadata, "(int64 table on the device, number of chunks)", py::arg("tensors"),
-        py::arg("chunk_size"), py::arg("stream") = 0, py::arg("capturing") = false);
+        py::arg("chunk_size"), py::arg("stream") = 0, py::arg("capturing") = false,
+        py::arg("rows") = false);
   m.def("empty_cache", [] { cpu_grad_pool().clear(); },
         "release the CPU gradient buffers kept for reuse");
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");

@@ -22,13 +22,48 @@ inline int64_t flat_slot(int64_t numel, int64_t dtype) {
   return (numel + per_vector - 1) / per_vector * per_vector;
 }
 
-// The metadata buffer for tensors i with data pointer ptrs[i], numel numels[i] and dtype
-// code dtypes[i] (a valid DType), cut into chunks of chunk_size elements. `layout`
+// What a table is built from: per entry i, data pointer ptrs[i], numel numels[i] and dtype
+// code dtypes[i] (a valid DType). Every entry starts a new flat slot unless
+// `continues_slot` (empty, or one flag per entry) says it continues the previous entry's:
+// the later rows of a tensor (row_entries).
+struct Entries {
+  std::vector<int64_t> ptrs;
+  std::vector<int64_t> numels;
+  std::vector<int64_t> dtypes;
+  std::vector<uint8_t> continues_slot;
+};
+
+// The entries of a table over the rows of each tensor: tensor i (data pointer ptrs[i],
+// rows[i] contiguous rows of row_numels[i] elements, dtype code dtypes[i]) gives rows[i]
+// consecutive entries, row r at ptrs[i] + r * row_numels[i] * element size, all in one
+// flat slot. A tensor with no rows adds no entry.
+inline Entries row_entries(const std::vector<int64_t>& ptrs, const std::vector<int64_t>& rows,
+                           const std::vector<int64_t>& row_numels, const std::vector<int64_t>& dtypes) {
+  int64_t total = 0;
+  for (int64_t r : rows) total += r;
+  Entries entries;
+  entries.ptrs.reserve(total);
+  entries.numels.reserve(total);
+  entries.dtypes.reserve(total);
+  entries.continues_slot.reserve(total);
+  for (size_t i = 0; i < ptrs.size(); ++i) {
+    const int64_t row_bytes = row_numels[i] * kElementSize[dtypes[i]];
+    for (int64_t r = 0; r < rows[i]; ++r) {
+      entries.ptrs.push_back(ptrs[i] + r * row_bytes);
+      entries.numels.push_back(row_numels[i]);
+      entries.dtypes.push_back(dtypes[i]);
+      entries.continues_slot.push_back(r > 0);
+    }
+  }
+  return entries;
+}
+
+// The metadata buffer for `entries`, cut into chunks of chunk_size elements. `layout`
 // receives its shape.
-inline std::vector<int64_t> build_metadata(const std::vector<int64_t>& ptrs,
-                                           const std::vector<int64_t>& numels,
-                                           const std::vector<int64_t>& dtypes,
-                                           int64_t chunk_size, MetaLayout* layout) {
+inline std::vector<int64_t> build_metadata(const Entries& entries, int64_t chunk_size, MetaLayout* layout) {
+  const std::vector<int64_t>& ptrs = entries.ptrs;
+  const std::vector<int64_t>& numels = entries.numels;
+  const std::vector<int64_t>& dtypes = entries.dtypes;
   const int64_t n = static_cast<int64_t>(ptrs.size());
   int64_t num_chunks = 0;
   for (int64_t numel : numels) num_chunks += num_chunks_of(numel, chunk_size);
@@ -50,19 +85,23 @@ inline std::vector<int64_t> build_metadata(const std::vector<int64_t>& ptrs,
       chunk_tensor[chunk] = i;
       chunk_start[chunk] = start;
     }
-    flat_offset[i] = flat_size[dtypes[i]];
-    flat_size[dtypes[i]] += flat_slot(numels[i], dtypes[i]);
+    int64_t& end = flat_size[dtypes[i]];
+    const bool continues = !entries.continues_slot.empty() && entries.continues_slot[i];
+    if (!continues) end = flat_slot(end, dtypes[i]);  // a new slot starts aligned
+    flat_offset[i] = end;
+    end += numels[i];
   }
   chunk_offsets[n] = chunk;
   return meta;
 }
 
-// Elements of the flat gradient buffer of each dtype: the sum of its tensors' slots.
+// Elements of the flat gradient buffer of each dtype: up to the end of its last slot.
 inline void flat_sizes(const int64_t* meta, const MetaLayout& layout, int64_t out[kNumDTypes]) {
   for (int d = 0; d < kNumDTypes; ++d) out[d] = 0;
   for (int64_t i = 0; i < layout.num_tensors; ++i) {
     const int64_t dtype = meta[layout.dtypes() + i];
-    out[dtype] += flat_slot(meta[layout.numels() + i], dtype);
+    const int64_t end = flat_slot(meta[layout.flat_offset() + i] + meta[layout.numels() + i], dtype);
+    if (end > out[dtype]) out[dtype] = end;
   }
 }
 

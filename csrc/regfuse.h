@@ -17,6 +17,7 @@ enum Reduction : int {
   kLp = 5,       // per tensor: (sum |x|^p)^(1/p) for a finite p > 0 passed with the op
   kL0 = 6,       // per tensor: the number of x != 0 (NaN counts)
   kNegInf = 7,   // per tensor: min |x| (NaN if any NaN), +inf for an empty tensor
+  kL1L2 = 8,     // per tensor, (2, n): out[i] = sum |x|, out[n + i] = sqrt(sum x^2)
 };
 
 // Element types; values shared with regfuse/backends/base.py::DTypeCode.
@@ -42,6 +43,13 @@ constexpr int64_t kAlignment = 16;
 // fused backward's output) in list order, each slot starting on a kAlignment-byte
 // boundary (offsets padded: multi_tensor.h::flat_slot), so that a tensor whose byte size
 // is not a multiple of 16 leaves every later slot aligned.
+//
+// The entries of the table ("tensor i" above) are either the tensors of the list or, for
+// the group ops, the rows of each tensor (its slices along dim 0, which a contiguous
+// tensor stores one after another; multi_tensor.h::row_entries): per-entry reductions are
+// then per-group norms, per-entry scales a per-group gradient or shrink factor. The rows
+// of one tensor share its flat slot: consecutive in the flat buffer, padded after the
+// last one only, so that the tensor's gradient is one contiguous view.
 //
 // Alignment is decided per chunk, at run time, from the chunk's addresses: a full chunk
 // whose input (and output) addresses are kAlignment-byte aligned takes the 16-byte

@@ -7,7 +7,10 @@ into ``C`` chunks of ``chunk_size`` elements the table holds, in order::
 
 Empty tensors own no chunk; ``flat_offset[i]`` is the offset of tensor ``i`` in the flat
 buffer of its dtype (tensors of one dtype in list order, each slot padded to a multiple
-of ``ALIGNMENT`` bytes, so that every slot of a 16-byte aligned buffer is aligned).
+of ``ALIGNMENT`` bytes, so that every slot of a 16-byte aligned buffer is aligned). With
+``rows=True`` the entries ("tensor i") are the rows of every tensor along dim 0 instead
+(see :mod:`regfuse.backends.base`), expanded by :func:`_row_entries` before the same
+build; the rows of one tensor share its slot.
 Kernels choose the 16-byte vector path per chunk, from the chunk's addresses at run time.
 The table is built with vectorized torch ops (no Python loop per chunk), uploaded to the
 tensors' device once per stream without a host synchronization, and cached
@@ -86,14 +89,21 @@ class MetaLayout(NamedTuple):
         return 5 * self.num_tensors + 1 + 2 * self.num_chunks
 
 
-def _layout(numels: Sequence[int], codes: Sequence[int], chunk_size: int) -> MetaLayout:
+def _layout(numels: Sequence[int], codes: Sequence[int], chunk_size: int,
+            continues_slot: Sequence[bool] = ()) -> MetaLayout:
+    """The layout of the table over these entries (``build_metadata`` in multi_tensor.h):
+    every entry starts an aligned slot unless ``continues_slot`` says it continues the
+    previous entry's (the later rows of a tensor)."""
     num_chunks = sum(-(-numel // chunk_size) for numel in numels)
-    flat_sizes = [0] * NUM_DTYPES
+    ends = [0] * NUM_DTYPES
     flat_offsets = []
-    for numel, code in zip(numels, codes):
-        flat_offsets.append(flat_sizes[code])
-        flat_sizes[code] += flat_slot(numel, code)
-    return MetaLayout(len(numels), num_chunks, chunk_size, tuple(flat_sizes), tuple(flat_offsets))
+    for i, (numel, code) in enumerate(zip(numels, codes)):
+        if not (continues_slot and continues_slot[i]):
+            ends[code] = flat_slot(ends[code], code)  # a new slot starts aligned
+        flat_offsets.append(ends[code])
+        ends[code] += numel
+    flat_sizes = tuple(flat_slot(end, code) for code, end in enumerate(ends))
+    return MetaLayout(len(numels), num_chunks, chunk_size, flat_sizes, tuple(flat_offsets))
 
 
 def build_host(ptrs: Sequence[int], numels: Sequence[int], codes: Sequence[int], chunk_size: int,
@@ -122,32 +132,53 @@ def _check_chunk_size(chunk_size: int) -> None:
 _cache = DeviceCache(_CACHE_SIZE)
 
 
-def build_metadata(tensors: Sequence[Tensor], chunk_size: int) -> tuple[Tensor, MetaLayout]:
-    """The metadata table of ``tensors`` on their device, and its layout (cached).
+def _row_entries(ptrs: Sequence[int], numels: Sequence[int], codes: Sequence[int],
+                 rows: Sequence[int]) -> tuple[list, list, list, list]:
+    """The entries of a table over rows: tensor ``i`` gives ``rows[i]`` consecutive entries
+    of ``numels[i] / rows[i]`` elements each, in one flat slot (``row_entries`` in
+    multi_tensor.h): (pointers, numels, dtype codes, continues-the-slot flags)."""
+    entry_ptrs, entry_numels, entry_codes, continues = [], [], [], []
+    for ptr, numel, code, count in zip(ptrs, numels, codes, rows):
+        row = numel // count if count else 0
+        entry_ptrs += [ptr + r * row * _ITEMSIZE[code] for r in range(count)]
+        entry_numels += [row] * count
+        entry_codes += [code] * count
+        continues += [r > 0 for r in range(count)]
+    return entry_ptrs, entry_numels, entry_codes, continues
+
+
+def build_metadata(tensors: Sequence[Tensor], chunk_size: int,
+                   rows: bool = False) -> tuple[Tensor, MetaLayout]:
+    """The metadata table of ``tensors`` (or, with ``rows``, of their rows along dim 0) on
+    their device, and its layout (cached).
 
     ``tensors`` must be a non-empty list of contiguous float32/float64/float16/bfloat16
-    tensors on one device. The table depends only on the data pointers, sizes and dtypes,
-    which form the cache key (with the device and the current stream): a list whose
-    tensors were reallocated at the same addresses with the same sizes has the same
-    table, so a hit is always correct.
+    tensors on one device. The table depends only on the data pointers, sizes and dtypes
+    (and row counts), which form the cache key (with the device and the current stream):
+    a list whose tensors were reallocated at the same addresses with the same sizes has
+    the same table, so a hit is always correct.
     """
     ptrs = tuple(t.data_ptr() for t in tensors)
     numels = tuple(t.numel() for t in tensors)
     codes = tuple(int(DTYPE_CODES[t.dtype]) for t in tensors)
+    row_counts = tuple(t.shape[0] if t.dim() else 1 for t in tensors) if rows else None
     device = tensors[0].device
 
     def build():
         _check_chunk_size(chunk_size)
-        layout = _layout(numels, codes, chunk_size)
+        entry_ptrs, entry_numels, entry_codes, continues = (
+            _row_entries(ptrs, numels, codes, row_counts) if rows else (ptrs, numels, codes, ()))
+        layout = _layout(entry_numels, entry_codes, chunk_size, continues)
         native = getattr(_C, "metadata", None)
         if native is not None:  # the same table, built and uploaded (and cached) natively
-            meta, num_chunks = native(list(tensors), chunk_size, *current_stream(device))
+            meta, num_chunks = native(list(tensors), chunk_size, *current_stream(device), rows)
             assert num_chunks == layout.num_chunks, "native metadata disagrees with MetaLayout"
             return meta, layout, None
-        meta, pinned = upload(build_host(ptrs, numels, codes, chunk_size, layout), device)
+        host = build_host(entry_ptrs, entry_numels, entry_codes, chunk_size, layout)
+        meta, pinned = upload(host, device)
         return meta, layout, pinned  # the pinned source lives as long as the table
 
-    meta, layout, _ = _cache.get((ptrs, numels, codes, chunk_size), device, build)
+    meta, layout, _ = _cache.get((ptrs, numels, codes, chunk_size, row_counts), device, build)
     return meta, layout
 
 

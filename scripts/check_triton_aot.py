@@ -74,8 +74,8 @@ def record_launches() -> list[tuple]:
             for op in Reduction:
                 backend.reduce(tensors, op, weights if op == Reduction.PENALTY else None, acc,
                                2.5 if op == Reduction.LP else 0.0)
-                grad_out = torch.ones((), dtype=acc) if op == Reduction.PENALTY else torch.ones(n, dtype=acc)
-                norms = torch.ones(n, dtype=acc)
+                shape = {Reduction.PENALTY: (), Reduction.L1_L2: (2, n)}.get(op, (n,))
+                grad_out, norms = torch.ones(shape, dtype=acc), torch.ones(shape, dtype=acc)
                 for into in (None, [torch.zeros_like(t) for t in tensors]):
                     try:
                         backend.backward(tensors, op, grad_out, norms, weights, acc, into)

@@ -67,8 +67,8 @@ void for_each_chunk(const int64_t* meta, const MetaLayout& layout, const F& f) {
 }
 
 // What one chunk contributes: `first` is sum|x|, sum x^2, sum|x|^p, the count of
-// nonzeros, max|x| or min|x| by op; `second` is sum x^2 for kPenalty (whose `first` is
-// sum|x|) and the NaN count for kInf / kNegInf.
+// nonzeros, max|x| or min|x| by op; `second` is sum x^2 for kPenalty and kL1L2 (whose
+// `first` is sum|x|) and the NaN count for kInf / kNegInf.
 struct Partial {
   double first = 0;
   double second = 0;
@@ -149,7 +149,7 @@ std::vector<Partial> chunk_partials(const int64_t* meta, const MetaLayout& layou
 }
 
 // Combines each tensor's partials in chunk order and writes the per-tensor results (or,
-// for kPenalty, their weighted sum) as Acc.
+// for kPenalty, their weighted sum; for kL1L2, both norms: out[i] and out[n + i]) as Acc.
 template <int kOp, typename Acc>
 void finish(const int64_t* meta, const MetaLayout& layout, const std::vector<Partial>& partials,
             const Acc* weights, double p, Acc* out) {
@@ -170,6 +170,9 @@ void finish(const int64_t* meta, const MetaLayout& layout, const std::vector<Par
       out[i] = static_cast<Acc>(std::sqrt(total.first));
     } else if constexpr (kOp == kLp) {
       out[i] = static_cast<Acc>(std::pow(total.first, 1.0 / p));
+    } else if constexpr (kOp == kL1L2) {
+      out[i] = static_cast<Acc>(total.first);
+      out[n + i] = static_cast<Acc>(std::sqrt(total.second));
     } else {
       out[i] = static_cast<Acc>(total.first);
     }
@@ -249,6 +252,7 @@ void reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights,
     case kLp: return reduce_op<kLp>(meta, layout, weights, acc_double, p, out);
     case kL0: return reduce_op<kL0>(meta, layout, weights, acc_double, p, out);
     case kNegInf: return reduce_op<kNegInf>(meta, layout, weights, acc_double, p, out);
+    case kL1L2: return reduce_op<kL1L2>(meta, layout, weights, acc_double, p, out);
   }
 }
 

@@ -16,7 +16,8 @@ namespace cpu {
 // splits a single big tensor evenly.
 constexpr int64_t kChunkSize = 32768;
 
-// out: (n,) per-tensor results, or one scalar for kPenalty (weights: (2, n) row-major).
+// out: (n,) per-tensor results, (2, n) for kL1L2, or one scalar for kPenalty (weights:
+// (2, n) row-major).
 // Both in double when acc_double, else float. p: the order of kLp, ignored by other ops.
 void reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights, bool acc_double,
             double p, void* out);

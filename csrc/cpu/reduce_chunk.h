@@ -59,7 +59,7 @@ inline void accumulate(V& first, V& second, V v, Lane p) {
     } else {  // no vector pow without a vector math library: one lane at a time
       for (size_t j = 0; j < sizeof(V) / sizeof(Lane); ++j) first[j] += std::pow(std::abs(v[j]), p);
     }
-  } else {
+  } else {  // kPenalty, kL1L2
     first += abs_of(v);
     second += v * v;
   }

@@ -14,6 +14,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "../penalties.h"
 #include "launchers.h"
@@ -170,16 +171,17 @@ __device__ __forceinline__ State block_reduce(State s) {
   return s;
 }
 
-// The value a chunk leaves in the workspace: its State, or for kPenalty its weighted
-// contribution (weights: (2, n) row-major).
-template <typename Acc>
-__device__ __forceinline__ Acc chunk_partial(Acc s, const Acc*, int64_t, int64_t) {
-  return s;
-}
-template <typename Acc>
-__device__ __forceinline__ Acc chunk_partial(AbsAndSquare<Acc> s, const Acc* weights,
-                                             int64_t tensor, int64_t num_tensors) {
-  return AbsAndSquareSum<Acc>::weighted(s, weights[tensor], weights[num_tensors + tensor]);
+// The value a chunk leaves in the workspace, of type Partial: its State, or for kPenalty
+// (Partial = Acc from an AbsAndSquare State) its weighted contribution (weights: (2, n)
+// row-major).
+template <typename Partial, typename State, typename Acc>
+__device__ __forceinline__ Partial chunk_partial(State s, const Acc* weights, int64_t tensor,
+                                                 int64_t num_tensors) {
+  if constexpr (std::is_same<Partial, State>::value) {
+    return s;
+  } else {
+    return AbsAndSquareSum<Acc>::weighted(s, weights[tensor], weights[num_tensors + tensor]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -197,9 +199,9 @@ struct StageOneUnroll<PowSum<Acc>> {
 };
 
 // Stage 1: partials[c] = the Reducer over the elements of chunk c (p: kLp's order).
-template <typename Acc, typename Reducer>
+template <typename Acc, typename Reducer, typename Partial>
 __global__ void __launch_bounds__(kChunkThreads)
-reduce_chunks_kernel(Table table, const Acc* weights, Acc p, Acc* partials) {
+reduce_chunks_kernel(Table table, const Acc* weights, Acc p, Partial* partials) {
   for (int64_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
     const Chunk chunk = read_chunk(table, c);
     typename Reducer::State s = Reducer::init();
@@ -217,7 +219,9 @@ reduce_chunks_kernel(Table table, const Acc* weights, Acc p, Acc* partials) {
           [&](int64_t e) { s = Reducer::add(s, static_cast<Acc>(Load<T>::apply(base + e)), p); });
     });
     s = block_reduce<Reducer>(s);
-    if (threadIdx.x == 0) partials[c] = chunk_partial(s, weights, chunk.tensor, table.num_tensors);
+    if (threadIdx.x == 0) {
+      partials[c] = chunk_partial<Partial>(s, weights, chunk.tensor, table.num_tensors);
+    }
   }
 }
 
@@ -225,25 +229,36 @@ reduce_chunks_kernel(Table table, const Acc* weights, Acc p, Acc* partials) {
 // root (kLp).
 enum class Root { kNone, kSqrt, kPth };
 
+// A tensor's combined State written as its result, finished by kRoot; both sums of an
+// AbsAndSquare are kL1L2's two rows, sum|x| and sqrt(sum x^2).
+template <Root kRoot, typename Acc>
+__device__ __forceinline__ void write_result(Acc s, Acc p, Acc* out, int64_t i, int64_t) {
+  if (kRoot == Root::kSqrt) s = sqrt(s);
+  if (kRoot == Root::kPth) s = pow_value(s, Acc(1) / p);
+  out[i] = s;
+}
+template <Root kRoot, typename Acc>
+__device__ __forceinline__ void write_result(AbsAndSquare<Acc> s, Acc, Acc* out, int64_t i, int64_t n) {
+  out[i] = s.abs_sum;
+  out[n + i] = sqrt(s.square_sum);
+}
+
 // Stage 2 for per-tensor ops: one warp per tensor combines its chunks' partials (lane l
 // takes chunks l, l + 32, ... in order, then a fixed shuffle tree).
 template <typename Acc, typename Reducer, Root kRoot>
 __global__ void __launch_bounds__(kFinishThreads)
-finish_per_tensor_kernel(Table table, const Acc* partials, Acc p, Acc* out) {
+finish_per_tensor_kernel(Table table, const typename Reducer::State* partials, Acc p, Acc* out) {
   const int64_t warps_per_block = blockDim.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t i = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; i < table.num_tensors;
        i += static_cast<int64_t>(gridDim.x) * warps_per_block) {
     const int64_t first = table.chunk_offsets[i];
     const int64_t last = table.chunk_offsets[i + 1];
-    Acc s = Reducer::init();  // an empty tensor owns no chunk and gets the identity
+    // An empty tensor owns no chunk and gets the identity.
+    typename Reducer::State s = Reducer::init();
     for (int64_t c = first + lane; c < last; c += kWarpSize) s = Reducer::combine(s, partials[c]);
     s = warp_reduce<Reducer>(s);
-    if (lane == 0) {
-      if (kRoot == Root::kSqrt) s = sqrt(s);
-      if (kRoot == Root::kPth) s = pow_value(s, Acc(1) / p);
-      out[i] = s;
-    }
+    if (lane == 0) write_result<kRoot>(s, p, out, i, table.num_tensors);
   }
 }
 
@@ -368,10 +383,13 @@ const char* last_launch_error() {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+// workspace: num_chunks States of the Reducer (at most two Acc each).
 template <typename Acc, typename Reducer, Root kRoot = Root::kNone>
-void launch_per_tensor(const Table& table, Acc p, Acc* partials, Acc* out, cudaStream_t stream) {
+void launch_per_tensor(const Table& table, Acc p, void* workspace, Acc* out, cudaStream_t stream) {
+  using State = typename Reducer::State;
+  auto* partials = static_cast<State*>(workspace);
   if (table.num_chunks > 0) {
-    reduce_chunks_kernel<Acc, Reducer>
+    reduce_chunks_kernel<Acc, Reducer, State>
         <<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(table, nullptr, p, partials);
   }
   if (table.num_tensors > 0) {
@@ -383,9 +401,11 @@ void launch_per_tensor(const Table& table, Acc p, Acc* partials, Acc* out, cudaS
 }
 
 template <typename Acc>
-void launch_reduce(const Table& table, int op, const Acc* weights, Acc p, Acc* partials, Acc* out,
+void launch_reduce(const Table& table, int op, const Acc* weights, Acc p, void* workspace, Acc* out,
                    cudaStream_t stream) {
+  Acc* partials = static_cast<Acc*>(workspace);
   switch (op) {
+    case kL1L2: launch_per_tensor<Acc, AbsAndSquareSum<Acc>>(table, p, workspace, out, stream); break;
     case kL1: launch_per_tensor<Acc, AbsSum<Acc>>(table, p, partials, out, stream); break;
     case kL2: launch_per_tensor<Acc, SquareSum<Acc>, Root::kSqrt>(table, p, partials, out, stream); break;
     case kSq: launch_per_tensor<Acc, SquareSum<Acc>>(table, p, partials, out, stream); break;
@@ -395,7 +415,7 @@ void launch_reduce(const Table& table, int op, const Acc* weights, Acc p, Acc* p
     case kNegInf: launch_per_tensor<Acc, AbsMin<Acc>>(table, p, partials, out, stream); break;
     case kPenalty:
       if (table.num_chunks > 0) {
-        reduce_chunks_kernel<Acc, AbsAndSquareSum<Acc>>
+        reduce_chunks_kernel<Acc, AbsAndSquareSum<Acc>, Acc>
             <<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(table, weights, p, partials);
       }
       // Also for an all-empty list: out[0] = 0.
@@ -416,7 +436,8 @@ void launch_elementwise(const Table& table, const Acc* coeff_table, const int64_
 }  // namespace
 
 size_t reduce_workspace_bytes(const MetaLayout& layout, bool acc_double) {
-  return static_cast<size_t>(layout.num_chunks) * (acc_double ? sizeof(double) : sizeof(float));
+  // Room for two sums per chunk (kL1L2's State), whatever the op: a few bytes per chunk.
+  return static_cast<size_t>(layout.num_chunks) * 2 * (acc_double ? sizeof(double) : sizeof(float));
 }
 
 const char* reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights,
@@ -424,11 +445,11 @@ const char* reduce(const int64_t* meta, MetaLayout layout, int op, const void* w
   const Table table = make_table(meta, layout);
   const auto s = static_cast<cudaStream_t>(stream);
   if (acc_double) {
-    launch_reduce(table, op, static_cast<const double*>(weights), p, static_cast<double*>(workspace),
+    launch_reduce(table, op, static_cast<const double*>(weights), p, workspace,
                   static_cast<double*>(out), s);
   } else {
     launch_reduce(table, op, static_cast<const float*>(weights), static_cast<float>(p),
-                  static_cast<float*>(workspace), static_cast<float*>(out), s);
+                  workspace, static_cast<float*>(out), s);
   }
   return last_launch_error();
 }

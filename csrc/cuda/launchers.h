@@ -24,7 +24,8 @@ size_t reduce_workspace_bytes(const MetaLayout& layout, bool acc_double);
 //   meta:      device int64 buffer laid out as MetaLayout `layout` (chunk_size == kChunkSize)
 //   weights:   kPenalty only, (2, n) row-major in the accumulation dtype; else nullptr
 //   p:         the order of kLp (a finite p > 0); ignored by the other ops
-//   out:       (n,) per-tensor results, or one scalar for kPenalty, accumulation dtype
+//   out:       (n,) per-tensor results, (2, n) for kL1L2, or one scalar for kPenalty,
+//              accumulation dtype
 //   workspace: reduce_workspace_bytes(layout, acc_double) bytes of device scratch
 // The accumulation dtype is double when acc_double, else float. Partial sums are combined
 // in a fixed order: the same input gives bitwise the same output.

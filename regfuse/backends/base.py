@@ -4,8 +4,8 @@ A backend sees only validated input: a non-empty list of contiguous floating-poi
 tensors, all on one device, plus the accumulation dtype (float64 where any input is
 float64, else float32). Everything user-facing (argument checks, coefficients,
 autograd, non-contiguous inputs, ``None`` gradients) is handled once in
-:mod:`regfuse.api` and :mod:`regfuse.ops`, so a new backend is four functions and its
-entries in the registry (:mod:`regfuse.backends`).
+:mod:`regfuse.api`, :mod:`regfuse.groups` and :mod:`regfuse.ops`, so a new backend is
+five functions and its entries in the registry (:mod:`regfuse.backends`).
 
 The per-element maths of every op is ``a_i * sign(x) + b_i * x`` (gradients) or a sum
 of ``|x|`` / ``x**2`` / ``|x|**p`` / ``x != 0``, or ``max |x|`` / ``min |x|``
@@ -13,6 +13,13 @@ of ``|x|`` / ``x**2`` / ``|x|**p`` / ``x != 0``, or ``max |x|`` / ``min |x|``
 :func:`grad_scales`, which the compiled backends mirror. The norms whose gradient is not
 of that form (``LP``, ``INF``, ``NEG_INF``, ``L0``) are differentiated with PyTorch ops
 in :mod:`regfuse.ops`.
+
+Entries: what ``i`` counts is an *entry* of the chunk table. By default the entries are
+the tensors. With ``rows=True`` they are the rows of every tensor along dim 0 (the
+groups of :mod:`regfuse.groups`; :func:`row_counts` says how many per tensor), which a
+contiguous tensor stores one after another: per-entry results are then per-row norms, and
+per-entry scales or factors a per-row gradient or shrink factor, with no other change to
+a kernel.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ class Reduction(enum.IntEnum):
     LP = 5  # per tensor: (sum |x|**p) ** (1 / p) for a finite p > 0 (p given apart)
     L0 = 6  # per tensor: the number of x != 0 (NaN counts)
     NEG_INF = 7  # per tensor: min |x| (NaN if any NaN); +inf for an empty tensor
+    L1_L2 = 8  # per tensor, shape (2, n): row 0 sum|x|, row 1 sqrt(sum x**2), from one read
 
 
 class DTypeCode(enum.IntEnum):
@@ -62,8 +70,9 @@ class Backend(Protocol):
         """``None`` if the backend can run on ``device`` here, else why not."""
 
     def reduce(self, tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
-               acc_dtype: torch.dtype, p: float = 0.0) -> Tensor:
-        """Per-tensor reductions (shape ``(n,)``) or, for ``PENALTY``, a 0-d tensor.
+               acc_dtype: torch.dtype, p: float = 0.0, rows: bool = False) -> Tensor:
+        """Per-entry reductions (shape ``(n,)``, ``(2, n)`` for ``L1_L2``) or, for
+        ``PENALTY``, a 0-d tensor; ``n`` counts entries (tensors, or rows with ``rows``).
 
         ``weights`` is ``None`` except for ``PENALTY``, where it is a ``(2, n)`` tensor of
         ``acc_dtype`` on the tensors' device: row 0 multiplies ``sum|x_i|``, row 1
@@ -74,10 +83,11 @@ class Backend(Protocol):
 
     def backward(self, tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor,
                  norms: Optional[Tensor], weights: Optional[Tensor], acc_dtype: torch.dtype,
-                 accumulate_into: Optional[Sequence[Tensor]] = None) -> Optional[list[Tensor]]:
-        """Gradient of ``reduce(tensors, op, weights)`` scaled by ``grad_out``.
+                 accumulate_into: Optional[Sequence[Tensor]] = None,
+                 rows: bool = False) -> Optional[list[Tensor]]:
+        """Gradient of ``reduce(tensors, op, weights, rows=rows)`` scaled by ``grad_out``.
 
-        Element ``x`` of tensor ``i`` gets ``a_i * sign(x) + b_i * x`` with ``(a_i, b_i)``
+        Element ``x`` of entry ``i`` gets ``a_i * sign(x) + b_i * x`` with ``(a_i, b_i)``
         from :func:`grad_scales` (``op`` is never ``INF`` here). With
         ``accumulate_into=None`` it returns new tensors shaped and typed like the inputs
         (views of one flat buffer per dtype); otherwise it adds the term in place to
@@ -91,12 +101,14 @@ class Backend(Protocol):
         ``thresholds`` is a ``(n,)`` tensor of the accumulation dtype on the device.
         """
 
-    def scale_(self, tensors: Sequence[Tensor], factors: Tensor) -> None:
-        """In place ``x = x * factors[i]``, computed in the accumulation dtype and rounded once.
+    def scale_(self, tensors: Sequence[Tensor], factors: Tensor, rows: bool = False) -> None:
+        """In place ``x = x * factors[i]`` for entry ``i``, computed in the accumulation
+        dtype and rounded once.
 
-        ``factors`` is a ``(n,)`` tensor of the accumulation dtype on the device. A tensor
-        whose factor is exactly 1 may be left untouched (``x * 1`` is ``x``), which is
-        what makes an unclipped ``clip_grad_norm_`` cost one read of the gradients.
+        ``factors`` is a ``(n,)`` tensor of the accumulation dtype on the device (one per
+        row with ``rows``: block soft-thresholding). An entry whose factor is exactly 1
+        may be left untouched (``x * 1`` is ``x``), which is what makes an unclipped
+        ``clip_grad_norm_`` cost one read of the gradients.
         """
 
 
@@ -122,6 +134,10 @@ def grad_scales(op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
     if op == Reduction.PENALTY:
         assert weights is not None
         return grad_out * weights[0], 2 * grad_out * weights[1]
+    if op == Reduction.L1_L2:  # grad_out and norms are (2, n): the L1 row, then the L2 row
+        assert norms is not None
+        _, b = grad_scales(Reduction.L2, grad_out[1], norms[1], None)
+        return grad_out[0], b
     raise ValueError(f"no fused gradient for {op!r}")
 
 
@@ -131,3 +147,16 @@ def scale_table(op: Reduction, grad_out: Tensor, norms: Optional[Tensor], weight
     ``a``, row 1 is ``b``, the layout every kernel's backward reads."""
     a, b = grad_scales(op, grad_out, norms, weights)
     return torch.stack((a.to(acc_dtype).expand(n), b.to(acc_dtype).expand(n)))
+
+
+def row_counts(tensors: Sequence[Tensor]) -> list[int]:
+    """Rows of each tensor along dim 0, the entries of a ``rows=True`` table: a 0-d
+    tensor is one row, a 1-D tensor has one row per element (the C++ ``rows_of``)."""
+    return [t.shape[0] if t.dim() else 1 for t in tensors]
+
+
+def row_matrix(t: Tensor) -> Tensor:
+    """``t`` as a ``(rows, row numel)`` matrix whose rows are its entries (a view where
+    ``t`` is contiguous)."""
+    rows = t.shape[0] if t.dim() else 1
+    return t.reshape(rows, t.numel() // rows if rows else 0)

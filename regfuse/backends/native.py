@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..device_cache import current_stream
-from .base import Reduction, scale_table
+from .base import Reduction, row_counts, scale_table
 
 try:
     from regfuse import _C
@@ -24,20 +24,22 @@ else:
 
 
 def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
-           acc_dtype: torch.dtype, p: float = 0.0) -> Tensor:
+           acc_dtype: torch.dtype, p: float = 0.0, rows: bool = False) -> Tensor:
     return _C.reduce(tensors, int(op), weights, acc_dtype == torch.float64,
-                     *current_stream(tensors[0].device), p)
+                     *current_stream(tensors[0].device), p, rows)
 
 
 def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
              weights: Optional[Tensor], acc_dtype: torch.dtype,
-             accumulate_into: Optional[Sequence[Tensor]] = None) -> Optional[list[Tensor]]:
-    scales = scale_table(op, grad_out, norms, weights, len(tensors), acc_dtype)
+             accumulate_into: Optional[Sequence[Tensor]] = None,
+             rows: bool = False) -> Optional[list[Tensor]]:
+    n = sum(row_counts(tensors)) if rows else len(tensors)
+    scales = scale_table(op, grad_out, norms, weights, n, acc_dtype)
     stream = current_stream(tensors[0].device)
     acc_double = acc_dtype == torch.float64
     if accumulate_into is None:
-        return _C.grad(tensors, scales, acc_double, *stream)
-    _C.add_grad_(accumulate_into, tensors, scales, acc_double, *stream)
+        return _C.grad(tensors, scales, acc_double, *stream, rows)
+    _C.add_grad_(accumulate_into, tensors, scales, acc_double, *stream, rows)
     return None
 
 
@@ -46,5 +48,5 @@ def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
                 *current_stream(tensors[0].device))
 
 
-def scale_(tensors: Sequence[Tensor], factors: Tensor) -> None:
-    _C.scale_(tensors, factors, factors.dtype == torch.float64, *current_stream(tensors[0].device))
+def scale_(tensors: Sequence[Tensor], factors: Tensor, rows: bool = False) -> None:
+    _C.scale_(tensors, factors, factors.dtype == torch.float64, *current_stream(tensors[0].device), rows)

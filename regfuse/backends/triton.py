@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import Reduction, scale_table
+from .base import Reduction, row_counts, scale_table
 
 name = "triton"
 
@@ -42,19 +42,21 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
-           acc_dtype: torch.dtype, p: float = 0.0) -> Tensor:
+           acc_dtype: torch.dtype, p: float = 0.0, rows: bool = False) -> Tensor:
     from ..triton import reduce as kernels
 
-    return kernels.reduce(tensors, op, weights, acc_dtype, p)
+    return kernels.reduce(tensors, op, weights, acc_dtype, p, rows)
 
 
 def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor,
              norms: Optional[Tensor], weights: Optional[Tensor], acc_dtype: torch.dtype,
-             accumulate_into: Optional[Sequence[Tensor]] = None) -> Optional[list[Tensor]]:
+             accumulate_into: Optional[Sequence[Tensor]] = None,
+             rows: bool = False) -> Optional[list[Tensor]]:
     from ..triton import grad as kernels
 
-    scales = scale_table(op, grad_out, norms, weights, len(tensors), acc_dtype)
-    return kernels.penalty_grad(tensors, scales, acc_dtype, accumulate_into)
+    n = sum(row_counts(tensors)) if rows else len(tensors)
+    scales = scale_table(op, grad_out, norms, weights, n, acc_dtype)
+    return kernels.penalty_grad(tensors, scales, acc_dtype, accumulate_into, rows)
 
 
 def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
@@ -63,7 +65,7 @@ def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
     kernels.prox_l1_(tensors, thresholds)
 
 
-def scale_(tensors: Sequence[Tensor], factors: Tensor) -> None:
+def scale_(tensors: Sequence[Tensor], factors: Tensor, rows: bool = False) -> None:
     from ..triton import prox as kernels
 
-    kernels.scale_(tensors, factors)
+    kernels.scale_(tensors, factors, rows)

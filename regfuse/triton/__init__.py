@@ -52,6 +52,7 @@ OP_PENALTY = tl.constexpr(int(Reduction.PENALTY))
 OP_LP = tl.constexpr(int(Reduction.LP))
 OP_L0 = tl.constexpr(int(Reduction.L0))
 OP_NEG_INF = tl.constexpr(int(Reduction.NEG_INF))
+OP_L1_L2 = tl.constexpr(int(Reduction.L1_L2))
 
 DTYPES_BY_CODE = {
     DTypeCode.FLOAT32: torch.float32,

@@ -12,6 +12,10 @@ Two destinations, chosen at compile time (``ACCUMULATE``):
   shaped like the inputs;
 - in place: added to the tensor whose address is entry ``i`` of a second metadata table
   (built over the gradients), which is how ``add_penalty_grad_`` updates ``p.grad``.
+
+Entries may be the tensors or, with ``rows``, their rows along dim 0 (one ``(a, b)`` per
+row). The rows of a tensor share its flat slot, so a row's flat offset need not be
+aligned: the vector path is taken per chunk where input and output addresses both are.
 """
 from __future__ import annotations
 
@@ -30,19 +34,26 @@ from . import (CONFIG, DTYPES_BY_CODE, FLOAT16, FLOAT32, FLOAT64, acc_type, chun
 
 
 @triton.jit
+def _flat_offset(meta, tensor, num_tensors, num_chunks):
+    return tl.load(meta + 4 * num_tensors + 1 + 2 * num_chunks + tensor)
+
+
+@triton.jit
 def _destination(flat_out, out_meta, meta, tensor, num_tensors, num_chunks,
                  ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Where tensor ``tensor``'s gradient goes: a pointer typed like ``flat_out``.
+    """Where entry ``tensor``'s gradient goes: a pointer typed like ``flat_out``.
 
-    A flat slot is always 16-byte aligned (offsets padded, ``csrc/regfuse.h``; the buffer
-    itself is a fresh allocation); the hint sits on the load that defines the offset (see
-    ``chunk_work``). An address from ``out_meta`` is hinted only when ``ALIGNED``.
+    The flat buffer itself is a fresh (aligned) allocation; a tensor's slot starts 16-byte
+    aligned (offsets padded, ``csrc/regfuse.h``), a later row of it may not. The hint sits
+    on the load that defines the offset (see ``chunk_work``) and is given only when
+    ``ALIGNED`` (checked by the caller), as for an address from ``out_meta``.
     """
     if ACCUMULATE:
         out_ptr = typed_pointer(tl.load(out_meta + tensor), flat_out.dtype.element_ty, ALIGNED)
     else:
-        offset = tl.load(meta + 4 * num_tensors + 1 + 2 * num_chunks + tensor)  # flat_offset
-        offset = tl.multiple_of(offset, 128 // flat_out.dtype.element_ty.primitive_bitwidth)
+        offset = _flat_offset(meta, tensor, num_tensors, num_chunks)
+        if ALIGNED:
+            offset = tl.multiple_of(offset, 128 // flat_out.dtype.element_ty.primitive_bitwidth)
         out_ptr = flat_out + offset
     return out_ptr
 
@@ -67,6 +78,9 @@ def _grad_chunk(address, flat_out, out_meta, meta, tensor, start, numel, a, b, n
     aligned = is_aligned(address)
     if ACCUMULATE:
         aligned = aligned & is_aligned(tl.load(out_meta + tensor))
+    else:  # the buffer is aligned: the offset must be a whole number of 16-byte vectors
+        per_vector = 128 // flat_out.dtype.element_ty.primitive_bitwidth
+        aligned = aligned & (_flat_offset(meta, tensor, num_tensors, num_chunks) % per_vector == 0)
     if (start + CHUNK <= numel) & aligned:  # unmasked, 16-byte vectors (see load_block)
         _grad_steps(typed_pointer(address, ELEM, True),
                     _destination(flat_out, out_meta, meta, tensor, num_tensors, num_chunks,
@@ -114,25 +128,33 @@ def _flat_buffers(layout: MetaLayout, device: torch.device) -> list[Tensor]:
             for code in DTypeCode]
 
 
-def _views(tensors: Sequence[Tensor], buffers: list[Tensor], layout: MetaLayout) -> list[Tensor]:
-    """Tensor ``i``'s slot of its dtype's buffer, at the table's ``flat_offset[i]``."""
-    return [buffers[DTYPE_CODES[t.dtype]][offset:offset + t.numel()].view(t.shape)
-            for t, offset in zip(tensors, layout.flat_offsets)]
+def _views(tensors: Sequence[Tensor], buffers: list[Tensor], layout: MetaLayout,
+           rows: bool) -> list[Tensor]:
+    """Tensor ``i``'s slot of its dtype's buffer, at the table's ``flat_offset`` of its
+    first entry (its rows follow in the same slot)."""
+    views, entry = [], 0
+    for t in tensors:
+        offset = layout.flat_offsets[entry] if entry < layout.num_tensors else 0
+        views.append(buffers[DTYPE_CODES[t.dtype]][offset:offset + t.numel()].view(t.shape))
+        entry += (t.shape[0] if t.dim() else 1) if rows else 1
+    return views
 
 
 def penalty_grad(tensors: Sequence[Tensor], scales: Tensor, acc_dtype: torch.dtype,
-                 accumulate_into: Optional[Sequence[Tensor]] = None) -> Optional[list[Tensor]]:
-    """``scales[0, i] * sign(x) + scales[1, i] * x`` for every element of every tensor.
+                 accumulate_into: Optional[Sequence[Tensor]] = None,
+                 rows: bool = False) -> Optional[list[Tensor]]:
+    """``scales[0, i] * sign(x) + scales[1, i] * x`` for every element of every entry.
 
-    ``scales``: ``(2, n)`` contiguous, ``acc_dtype``. Returns new gradients (views of
-    one flat buffer per dtype), or adds them in place to ``accumulate_into`` (contiguous,
-    shaped and typed like ``tensors``) and returns ``None``.
+    ``scales``: ``(2, n)`` contiguous, ``acc_dtype``, one column per entry (tensor, or row
+    with ``rows``). Returns new gradients (views of one flat buffer per dtype), or adds
+    them in place to ``accumulate_into`` (contiguous, shaped and typed like ``tensors``)
+    and returns ``None``.
     """
     device = tensors[0].device
-    meta, layout = build_metadata(tensors, CONFIG.chunk_size)
+    meta, layout = build_metadata(tensors, CONFIG.chunk_size, rows)
     accumulate = accumulate_into is not None
     if accumulate:
-        out_meta, _ = build_metadata(accumulate_into, CONFIG.chunk_size)
+        out_meta, _ = build_metadata(accumulate_into, CONFIG.chunk_size, rows)
         buffers = [torch.empty(0, dtype=DTYPES_BY_CODE[code], device=device) for code in DTypeCode]
     else:
         out_meta = meta  # unused by the kernel in this mode
@@ -143,4 +165,4 @@ def penalty_grad(tensors: Sequence[Tensor], scales: Tensor, acc_dtype: torch.dty
                 meta, scales, out_meta, *buffers, layout.num_tensors, layout.num_chunks,
                 ACCUMULATE=accumulate, CHUNK=CONFIG.chunk_size, BLOCK=CONFIG.block,
                 ACC=acc_type(acc_dtype), num_warps=CONFIG.num_warps, enable_fp_fusion=False)
-    return None if accumulate else _views(tensors, buffers, layout)
+    return None if accumulate else _views(tensors, buffers, layout, rows)

@@ -77,8 +77,8 @@ def _update_kernel(
         _update_typed_chunk(address, code, start, numel, c, OP, CHUNK, BLOCK, ACC)
 
 
-def _update(tensors: Sequence[Tensor], per_tensor: Tensor, op: int) -> None:
-    meta, layout = build_metadata(tensors, CONFIG.chunk_size)
+def _update(tensors: Sequence[Tensor], per_tensor: Tensor, op: int, rows: bool = False) -> None:
+    meta, layout = build_metadata(tensors, CONFIG.chunk_size, rows)
     if not layout.num_chunks:
         return
     with device_guard(tensors[0].device):
@@ -97,7 +97,8 @@ def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
     _update(tensors, thresholds, PROX_L1)
 
 
-def scale_(tensors: Sequence[Tensor], factors: Tensor) -> None:
-    """In place ``x = x * factors[i]`` for every tensor ``i`` (same arguments as
-    :func:`prox_l1_`); a tensor whose factor is exactly 1 is neither read nor written."""
-    _update(tensors, factors, SCALE)
+def scale_(tensors: Sequence[Tensor], factors: Tensor, rows: bool = False) -> None:
+    """In place ``x = x * factors[i]`` for every entry ``i`` (same arguments as
+    :func:`prox_l1_`; with ``rows``, one factor per row along dim 0); an entry whose
+    factor is exactly 1 is neither read nor written."""
+    _update(tensors, factors, SCALE, rows)

@@ -1,5 +1,5 @@
 """Fused reductions (L1, L2, squared L2, general p, nonzero count, max-abs, min-abs,
-weighted penalty) over a tensor list.
+weighted penalty, L1 and L2 together) over a tensor list, or over the rows of its tensors.
 
 Memory traffic: every element is read once (both terms of the penalty come from the
 same load); the partials are one or two numbers per chunk of ``chunk_size`` elements.
@@ -32,8 +32,9 @@ from torch import Tensor
 
 from ..backends.base import Reduction
 from ..chunks import build_metadata
-from . import (CONFIG, FLOAT16, FLOAT32, FLOAT64, OP_INF, OP_L0, OP_L1, OP_L2, OP_LP, OP_NEG_INF,
-               OP_PENALTY, acc_type, chunk_work, device_guard, is_aligned, load_block, typed_pointer)
+from . import (CONFIG, FLOAT16, FLOAT32, FLOAT64, OP_INF, OP_L0, OP_L1, OP_L1_L2, OP_L2, OP_LP,
+               OP_NEG_INF, OP_PENALTY, acc_type, chunk_work, device_guard, is_aligned, load_block,
+               typed_pointer)
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def _accumulate(first, second, x, p, OP: tl.constexpr):
         first += (x != 0).to(first.dtype)  # NaN != 0: counted, as torch counts it
     elif OP == OP_LP:
         first += _pow(tl.abs(x), p)
-    elif OP == OP_PENALTY:
+    elif OP == OP_PENALTY or OP == OP_L1_L2:
         first += tl.abs(x)
         second += x * x
     else:  # OP_L2, OP_SQ
@@ -158,7 +159,7 @@ def _partials_kernel(
     else:
         first, second = _chunk_partials(address, start, numel, p, tl.bfloat16, OP, CHUNK, BLOCK, ACC)
     tl.store(partials + chunk, first)
-    if OP == OP_PENALTY:
+    if OP == OP_PENALTY or OP == OP_L1_L2:
         tl.store(partials + num_chunks + chunk, second)
 
 
@@ -168,7 +169,8 @@ def _combine_kernel(
     partials,  # (num_parts, num_chunks) from _partials_kernel
     weights,  # PENALTY: (2, num_tensors) weights of sum|x| and sum x**2; else unused
     order,  # OP_LP: one-element tensor holding p (accumulation dtype); else unused
-    out,  # (num_tensors,) accumulation dtype: per-tensor result (PENALTY: weighted terms)
+    out,  # (num_tensors,) accumulation dtype: per-tensor result (PENALTY: weighted terms;
+    #       L1_L2: (2, num_tensors), sum|x| then sqrt(sum x**2))
     num_tensors, num_chunks,
     OP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -185,7 +187,7 @@ def _combine_kernel(
             first, second = _accumulate(first, second, part, 0.0, OP)
         else:
             first += part
-        if OP == OP_PENALTY:
+        if OP == OP_PENALTY or OP == OP_L1_L2:
             second += tl.load(partials + num_chunks + index, mask=mask, other=0.0)
     total, second_total = _finish(first, second, OP)
     if OP == OP_L2:
@@ -195,25 +197,28 @@ def _combine_kernel(
     elif OP == OP_PENALTY:
         total = (tl.load(weights + tensor) * total
                  + tl.load(weights + num_tensors + tensor) * second_total)
+    elif OP == OP_L1_L2:
+        tl.store(out + num_tensors + tensor, _sqrt(second_total))
     tl.store(out + tensor, total)
 
 
 def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
-           acc_dtype: torch.dtype, p: float = 0.0) -> Tensor:
-    """Per-tensor reductions of ``tensors`` (``(n,)``), or the 0-d weighted penalty.
+           acc_dtype: torch.dtype, p: float = 0.0, rows: bool = False) -> Tensor:
+    """Per-entry reductions (``(n,)``, ``(2, n)`` for ``L1_L2``), or the 0-d weighted
+    penalty; the entries are the tensors, or with ``rows`` their rows along dim 0.
 
     ``tensors``: non-empty list of contiguous tensors on one device; ``weights``: ``(2, n)``
     in ``acc_dtype`` for ``PENALTY``, else ``None``; ``p``: the order of ``LP``.
     Deterministic.
     """
     device = tensors[0].device
-    meta, layout = build_metadata(tensors, CONFIG.chunk_size)
+    meta, layout = build_metadata(tensors, CONFIG.chunk_size, rows)
     n, num_chunks = layout.num_tensors, layout.num_chunks
     acc = acc_type(acc_dtype)
     op = int(op)
-    num_parts = 2 if op == Reduction.PENALTY else 1
+    num_parts = 2 if op in (Reduction.PENALTY, Reduction.L1_L2) else 1
     partials = torch.empty((num_parts, num_chunks), dtype=acc_dtype, device=device)
-    out = torch.empty(n, dtype=acc_dtype, device=device)
+    out = torch.empty((2, n) if op == Reduction.L1_L2 else n, dtype=acc_dtype, device=device)
     weights_arg = weights.contiguous() if weights is not None else out  # unused unless PENALTY
     order = torch.full((1,), p, dtype=acc_dtype, device=device) if op == Reduction.LP else out
     with device_guard(device):
@@ -221,8 +226,9 @@ def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
             _partials_kernel[(num_chunks,)](meta, partials, order, n, num_chunks, OP=op,
                                             CHUNK=CONFIG.chunk_size, BLOCK=CONFIG.block, ACC=acc,
                                             num_warps=CONFIG.num_warps, enable_fp_fusion=True)
-        _combine_kernel[(n,)](meta, partials, weights_arg, order, out, n, num_chunks, OP=op,
-                              BLOCK=CONFIG.combine_block, ACC=acc, num_warps=CONFIG.num_warps,
-                              enable_fp_fusion=True)
+        if n:  # a table over rows may have no entry at all
+            _combine_kernel[(n,)](meta, partials, weights_arg, order, out, n, num_chunks, OP=op,
+                                  BLOCK=CONFIG.combine_block, ACC=acc, num_warps=CONFIG.num_warps,
+                                  enable_fp_fusion=True)
     # torch's sum over the n weighted terms is a fixed-order reduction (no atomics).
     return out.sum() if op == Reduction.PENALTY else out
