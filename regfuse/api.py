@@ -325,6 +325,23 @@ def _check_grads(params: list[Tensor]) -> list[Optional[Tensor]]:
     return grads
 
 
+def _grads_to_update(params: list[Tensor], what: str) -> list[Tensor]:
+    """The parameters' ``.grad`` tensors, checked, a ``None`` one replaced by zeros.
+
+    Call it last among the checks of an op that adds to gradients (``what``, for the
+    messages): it sets ``.grad``.
+    """
+    if not (_C is not None and _C.grads_ready(params)):  # else: the common case, checked natively
+        grads = _check_grads(params)
+        # Every check has passed: from here on the parameters' gradients may change.
+        for p, g in zip(params, grads):
+            if g is None:
+                p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+    grads = [p.grad for p in params]
+    ops.refuse_transforms(what, grads)
+    return grads
+
+
 def _in_place_target(params: TensorList, backend: str, what: str) -> tuple[list, Optional[ListInfo]]:
     """The checked list of an in-place op and its summary (``None`` for an empty list)."""
     params = as_list(params)
@@ -344,6 +361,10 @@ def _run_in_place(custom_op, run, modified: Sequence[Tensor], args: tuple, info:
         custom_op(*args)
         return
     run(*args, info=info)
+    _bump_versions(modified)
+
+
+def _bump_versions(modified: Sequence[Tensor]) -> None:
     # The kernels write through raw pointers; tell autograd the tensors changed so that a
     # graph which saved them refuses to run a stale backward.
     try:
@@ -370,14 +391,7 @@ def add_penalty_grad_(params: TensorList, l1: float = 0.0, l2: float = 0.0, *,
     if info is None:
         return
     weights = _weights((l1, l2), coefficients, len(params), info)
-    if not (_C is not None and _C.grads_ready(params)):  # else: the common case, checked natively
-        grads = _check_grads(params)
-        # Every check has passed: from here on the parameters' gradients may change.
-        for p, g in zip(params, grads):
-            if g is None:
-                p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
-    grads = [p.grad for p in params]
-    ops.refuse_transforms("add_penalty_grad_", grads)
+    grads = _grads_to_update(params, "add_penalty_grad_")
     _run_in_place(ops.add_grad_, ops.run_add_grad_, grads, (grads, params, weights, backend), info)
 
 

@@ -1,8 +1,9 @@
 """Per-tensor sparsity and norms for logging: did the regularization act?
 
 :func:`sparsity_report` answers it with numbers for a model's parameters (after an L1
-penalty or ``prox_l1_``) or for captured activations (after an activity penalty): the
-fraction of exact zeros and the L1 and L2 norms of every named tensor.
+penalty, ``prox_l1_`` or a group lasso) or for captured activations (after an activity
+penalty): the fraction of exact zeros, of all-zero groups along dim 0 (pruned filters or
+neurons), and the L1 and L2 norms of every named tensor.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from .api import norms
 from .distributed import SUM, dtensor_aware, replicated_value
+from .groups import group_norms
 
 __all__ = ["TensorStats", "SparsityReport", "sparsity_report"]
 
@@ -26,11 +28,19 @@ class TensorStats(NamedTuple):
     zeros: int  # elements exactly equal to 0
     l1: float
     l2: float
+    groups: int = 0  # groups along dim 0 (rows; one per element of a 1-D tensor, 1 for 0-d)
+    zero_groups: int = 0  # groups whose elements are all exactly 0
 
     @property
     def sparsity(self) -> float:
         """Fraction of exact zeros (0 for an empty tensor)."""
         return self.zeros / self.numel if self.numel else 0.0
+
+    @property
+    def group_sparsity(self) -> float:
+        """Fraction of all-zero groups along dim 0: for a weight, the filters or neurons
+        that can be removed (0 for a tensor without groups)."""
+        return self.zero_groups / self.groups if self.groups else 0.0
 
     @property
     def mean_abs(self) -> float:
@@ -61,6 +71,7 @@ class SparsityReport(NamedTuple):
         out: dict[str, float] = {}
         for r in self.rows:
             out[f"{prefix}sparsity/{r.name}"] = r.sparsity
+            out[f"{prefix}zero_groups/{r.name}"] = r.group_sparsity
             out[f"{prefix}l1/{r.name}"] = r.l1
             out[f"{prefix}l2/{r.name}"] = r.l2
         out[f"{prefix}sparsity/total"] = self.sparsity
@@ -68,10 +79,12 @@ class SparsityReport(NamedTuple):
 
     def __str__(self) -> str:
         width = max([len("total")] + [len(r.name) for r in self.rows])
-        lines = [f"{'tensor':<{width}} {'numel':>9} {'zeros':>7} {'L1':>11} {'L2':>9} {'mean|x|':>9}"]
+        lines = [f"{'tensor':<{width}} {'numel':>9} {'zeros':>7} {'zero groups':>15} {'L1':>11} "
+                 f"{'L2':>9} {'mean|x|':>9}"]
         for r in self.rows:
-            lines.append(f"{r.name:<{width}} {r.numel:>9} {r.sparsity:>7.2%} {r.l1:>11.4g} "
-                         f"{r.l2:>9.4g} {r.mean_abs:>9.3g}")
+            groups = f"{r.zero_groups}/{r.groups}"
+            lines.append(f"{r.name:<{width}} {r.numel:>9} {r.sparsity:>7.2%} {groups:>15} "
+                         f"{r.l1:>11.4g} {r.l2:>9.4g} {r.mean_abs:>9.3g}")
         lines.append(f"{'total':<{width}} {self.numel:>9} {self.sparsity:>7.2%}")
         return "\n".join(lines)
 
@@ -95,9 +108,18 @@ def _nonzeros(tensors: list[Tensor]) -> Tensor:
     return torch.stack([torch.count_nonzero(t) for t in tensors])
 
 
+@dtensor_aware(reduce=SUM, per_tensor=True, slices=lambda args: 0)
+def _zero_groups(tensors: list[Tensor], backend: str = "auto") -> Tensor:
+    """Per-tensor count of all-zero groups along dim 0 (of the local shards' whole groups,
+    for DTensors). The max-abs norm is exact: a group is all zero iff it is 0."""
+    return torch.stack([torch.count_nonzero(g == 0)
+                        for g in group_norms(tensors, p=float("inf"), backend=backend)])
+
+
 @torch.no_grad()
 def sparsity_report(tensors: NamedTensors, *, backend: str = "auto") -> SparsityReport:
-    """Fraction of exact zeros and L1/L2 norms of every named tensor.
+    """Fraction of exact zeros, all-zero groups along dim 0, and L1/L2 norms of every
+    named tensor.
 
     Args:
         tensors: a module (all of its ``named_parameters()``), a mapping name -> tensor,
@@ -111,9 +133,12 @@ def sparsity_report(tensors: NamedTensors, *, backend: str = "auto") -> Sparsity
         A :class:`SparsityReport`: ``rows`` of :class:`TensorStats`, printable as a
         table, ``as_dict()`` for loggers.
 
-    The L1 and L2 norms are two fused ``regfuse.norms`` launches over the whole list.
-    The zeros are counted with one ``count_nonzero`` per tensor, stacked and read back
-    in the same single host synchronization: there is no fused multi-tensor count in torch, and a
+    The L1 and L2 norms are two fused ``regfuse.norms`` launches over the whole list and
+    the group norms (max-abs, exact: a group is all zero exactly when it is 0) one fused
+    ``regfuse.group_norms`` launch; a group is a slice along dim 0 (an output filter or
+    neuron; an element of a 1-D tensor). The zeros are counted with one
+    ``count_nonzero`` per tensor, stacked and read back in the same single host
+    synchronization: there is no fused multi-tensor count in torch, and a
     ``torch.cat`` of the list would copy every element first, more memory traffic than
     the counts themselves. A report is for logging every few hundred steps, not a
     per-step cost.
@@ -127,7 +152,10 @@ def sparsity_report(tensors: NamedTensors, *, backend: str = "auto") -> Sparsity
     l1 = replicated_value(norms(values, p=1, backend=backend))
     l2 = replicated_value(norms(values, p=2, backend=backend))
     nonzeros = replicated_value(_nonzeros(values))
+    zero_groups = replicated_value(_zero_groups(values, backend=backend))
     # float64 holds counts exactly up to 2**53: one copy to the host for everything.
-    l1, l2, nonzeros = torch.stack([l1.double(), l2.double(), nonzeros.double()]).tolist()
-    return SparsityReport([TensorStats(name, t.numel(), t.numel() - int(nz), a, b)
-                           for (name, t), nz, a, b in zip(named, nonzeros, l1, l2)])
+    l1, l2, nonzeros, zero_groups = torch.stack(
+        [l1.double(), l2.double(), nonzeros.double(), zero_groups.double()]).tolist()
+    return SparsityReport([
+        TensorStats(name, t.numel(), t.numel() - int(nz), a, b, t.shape[0] if t.dim() else 1, int(zg))
+        for (name, t), nz, a, b, zg in zip(named, nonzeros, l1, l2, zero_groups)])

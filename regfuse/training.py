@@ -25,6 +25,7 @@ from torch.autograd import Variable
 from . import backends
 from .api import add_penalty_grad_, penalty
 from .distributed import is_dtensor
+from .groups import _group_dims, add_group_penalty_grad_, group_penalty
 from .validation import as_list, check_nonnegative
 
 __all__ = ["ActivationRegularizer", "WeightRegularizer", "gradient_penalty", "select_weights",
@@ -200,7 +201,8 @@ class _GradientHookHandle:
 
 
 class WeightRegularizer:
-    """An L1/L2 penalty on a model's weights, as a loss term or as a gradient update.
+    """An L1/L2 (and group lasso) penalty on a model's weights, as a loss term or as a
+    gradient update.
 
     From an ``nn.Module``, it selects every trainable parameter except biases (and other
     1-D parameters) and the parameters of normalization layers, as ``timm``'s
@@ -220,12 +222,20 @@ class WeightRegularizer:
     norm scales included, and L2 only), this is L1 and/or L2 on the weights alone; unlike
     AdamW's decoupled decay, its gradient goes through the optimizer's scaling, as a
     penalty in the loss does. docs/training.md compares the three.
+
+    ``group_lasso > 0`` adds ``group_lasso * sum_g sqrt(|g|) * ||w_g||_2`` over the groups
+    (slices along ``group_dim``: output filters and neurons for 0) of every selected
+    weight, :func:`regfuse.group_penalty`, to all three routes. For exact zeros use the
+    proximal route on the same selection instead:
+    ``regfuse.ProximalStep(optimizer, group_lasso=..., dim=..., params=reg.params)``.
     """
 
     def __init__(self, model_or_params: Union[nn.Module, Iterable[Tensor]], l1: float = 0.0,
-                 l2: float = 0.0, *, exclude_bias_and_norm: bool = True,
-                 backend: str = "auto") -> None:
+                 l2: float = 0.0, *, group_lasso: float = 0.0, group_dim: int = 0,
+                 exclude_bias_and_norm: bool = True, backend: str = "auto") -> None:
         self.l1, self.l2 = _check_coefficients(l1, l2, backend)
+        self.group_lasso = check_nonnegative("group_lasso", group_lasso)
+        self.group_dim = group_dim
         self.backend = backend
         if isinstance(model_or_params, nn.Module):
             named = select_weights(model_or_params, exclude_bias_and_norm)
@@ -237,20 +247,36 @@ class WeightRegularizer:
             for i, p in enumerate(self.params):
                 if not isinstance(p, Tensor):
                     raise TypeError(f"regfuse: element {i} is a {type(p).__name__}, not a torch.Tensor")
+        if self.group_lasso > 0:
+            _group_dims(self.params, group_dim)  # refused now rather than at the first step
         self._attached: Optional[_GradientHookHandle] = None
         self._lock = threading.Lock()
         self._pending: dict[int, list[Tensor]] = {}  # backward id -> params with a new grad
 
     def penalty(self) -> Tensor:
-        """``regfuse.penalty(params, l1, l2)``: the loss term (0-d, differentiable)."""
-        return penalty(self.params, self.l1, self.l2, backend=self.backend)
+        """``regfuse.penalty(params, l1, l2)`` (plus ``regfuse.group_penalty(params,
+        group_lasso, dim=group_dim)``): the loss term (0-d, differentiable)."""
+        if self.group_lasso == 0:
+            return penalty(self.params, self.l1, self.l2, backend=self.backend)
+        if self.l2 == 0:  # the sparse group lasso: both terms from one read
+            return group_penalty(self.params, self.group_lasso, dim=self.group_dim, l1=self.l1,
+                                 backend=self.backend)
+        return (penalty(self.params, self.l1, self.l2, backend=self.backend)
+                + group_penalty(self.params, self.group_lasso, dim=self.group_dim, backend=self.backend))
 
     def add_grad_(self) -> None:
-        """``p.grad += l1 * sign(p) + 2 * l2 * p`` for every selected parameter, fused.
+        """``p.grad += l1 * sign(p) + 2 * l2 * p`` (plus the group lasso gradient) for every
+        selected parameter, fused.
 
         Call after ``backward()``; a parameter whose ``.grad`` is ``None`` gets the term
         alone, exactly as if ``penalty()`` had been added to the loss."""
-        add_penalty_grad_(self.params, self.l1, self.l2, backend=self.backend)
+        self._add_grads(self.params)
+
+    def _add_grads(self, params: list[Tensor]) -> None:
+        if self.l1 or self.l2 or not self.group_lasso:
+            add_penalty_grad_(params, self.l1, self.l2, backend=self.backend)
+        if self.group_lasso:
+            add_group_penalty_grad_(params, self.group_lasso, dim=self.group_dim, backend=self.backend)
 
     def attach(self) -> _GradientHookHandle:
         """Add the penalty gradient during every ``backward()``; returns a handle with
@@ -322,10 +348,11 @@ class WeightRegularizer:
         with self._lock:
             params = self._pending.pop(backward_id, [])
         if params:
-            add_penalty_grad_(params, self.l1, self.l2, backend=self.backend)
+            self._add_grads(params)
 
     def __repr__(self) -> str:
-        return (f"WeightRegularizer(params={len(self.params)}, l1={self.l1}, l2={self.l2}, "
+        group = f"group_lasso={self.group_lasso}, group_dim={self.group_dim}, " if self.group_lasso else ""
+        return (f"WeightRegularizer(params={len(self.params)}, l1={self.l1}, l2={self.l2}, {group}"
                 f"attached={self._attached is not None})")
 
 
