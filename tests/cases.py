@@ -84,6 +84,20 @@ def _tiny(rand: Rand, dtype: torch.dtype, count: int) -> list[Tensor]:
     return [rand(_TINY_SHAPES[i % len(_TINY_SHAPES)], dtype) for i in range(count)]
 
 
+def _zero_groups(rand: Rand, dtype: torch.dtype) -> list[Tensor]:
+    # Conv- and Linear-shaped weights with all-zero groups along dim 0 and along dim 1,
+    # groups with no element (5, 0) and a tensor with no group (0, 4).
+    conv = rand((6, 3, 3, 3), dtype)
+    conv[1] = 0
+    conv[4] = 0
+    linear = rand((7, 5), dtype, 0.5)
+    linear[:, 2] = 0
+    linear[3] = 0
+    bias = rand((4,), dtype)
+    bias[2] = 0
+    return [conv, rand((5, 0), dtype), linear, rand((0, 4), dtype), bias, rand((), dtype)]
+
+
 def _many_chunks(rand: Rand, dtype: torch.dtype) -> list[Tensor]:
     # > 300k elements: several chunks for any chunk size from 4k to 64k, plus a tail.
     return [rand((2**18 + 2**16 + 7,), dtype), rand((3,), dtype)]
@@ -130,6 +144,7 @@ CASES: list[Case] = [
     *_per_dtype("few_tiny", partial(_tiny, count=40), (F32,)),
     *_per_dtype("many_tiny", partial(_tiny, count=3000), (F32, F16)),
     *_per_dtype("many_chunks", _many_chunks, (F32, BF16)),
+    *_per_dtype("zero_groups", _zero_groups, (F32, F64, BF16)),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 
@@ -276,6 +291,101 @@ def oracle_prox(tensors: Sequence[Tensor], threshold: float, coefficients=None) 
     for thr, t in zip(thresholds, tensors):
         x = t.to(F64)
         out.append((torch.sign(x) * torch.clamp_min(x.abs() - thr.item(), 0)).to(t.dtype))
+    return out
+
+
+# ---- group oracles (regfuse.groups) ------------------------------------------------------
+
+def _by_group(t: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``t`` in float64 as a ``(groups, size)`` matrix whose row ``j`` is ``t.select(dim, j)``
+    flattened (a 0-d tensor is one group), and the moved tensor to undo it with."""
+    x = t.to(F64)
+    moved = x.reshape(1, 1) if x.dim() == 0 else x.movedim(dim, 0)
+    groups = moved.shape[0]
+    return moved.reshape(groups, moved.numel() // groups if groups else 0), moved
+
+
+def _from_groups(matrix: Tensor, moved: Tensor, t: Tensor, dim: int) -> Tensor:
+    out = matrix.reshape(moved.shape)
+    return out.reshape(t.shape) if t.dim() == 0 else out.movedim(0, dim)
+
+
+def _row_norms64(matrix: Tensor, p: float) -> Tensor:
+    if matrix.shape[1] == 0:  # vector_norm(inf) refuses empty rows; the norm of nothing is 0
+        return matrix.new_zeros(matrix.shape[0])
+    return torch.linalg.vector_norm(matrix, p, dim=1)
+
+
+def oracle_group_norms(tensors: Sequence[Tensor], dim: int, p: float) -> list[Tensor]:
+    """Per tensor, ``vector_norm`` of each slice ``t.select(dim, j)`` in float64."""
+    return [_row_norms64(_by_group(t, dim)[0], p) for t in tensors]
+
+
+def oracle_group_norm_grads(tensors: Sequence[Tensor], dim: int, p: float,
+                            grad_outs: Sequence[Tensor]) -> list[Tensor]:
+    """Gradient of ``sum_i (oracle_group_norms(tensors)[i] * grad_outs[i]).sum()`` by torch
+    autograd in float64 (its conventions: 0 at 0, max shared evenly)."""
+    x64 = [t.detach().to(F64).requires_grad_() for t in tensors]
+    total = sum((n * g.to(F64)).sum() for n, g in zip(oracle_group_norms(x64, dim, p), grad_outs))
+    if not isinstance(total, Tensor) or not total.requires_grad:
+        return [torch.zeros_like(x) for x in x64]
+    return list(torch.autograd.grad(total, x64, allow_unused=True, materialize_grads=True))
+
+
+def group_scale(t: Tensor, dim: int, scale_by_size: bool) -> float:
+    """``s_g``: sqrt of the number of elements of one group of ``t`` (or 1)."""
+    if not scale_by_size or t.dim() <= 1:
+        return 1.0
+    return math.sqrt(t.numel() // t.shape[dim]) if t.shape[dim] else 0.0
+
+
+def oracle_group_penalty(tensors: Sequence[Tensor], weight: float, dim: int, l1: float,
+                         scale_by_size: bool = True, coefficients=None) -> Tensor:
+    c = coefficient_values(coefficients, len(tensors))
+    total = torch.zeros((), dtype=F64)
+    for ci, t in zip(c, tensors):
+        norms = oracle_group_norms([t], dim, 2)[0].cpu()
+        total = total + ci * (weight * group_scale(t, dim, scale_by_size) * norms.sum()
+                              + l1 * _flat64(t).abs().sum().cpu())
+    return total
+
+
+def oracle_group_penalty_grads(tensors: Sequence[Tensor], weight: float, dim: int, l1: float,
+                               scale_by_size: bool = True, coefficients=None) -> list[Tensor]:
+    """``c_i * (weight * s_g * w_g / ||w_g|| + l1 * sign(w))`` (0 for an all-zero group),
+    float64, written out rather than differentiated."""
+    c = coefficient_values(coefficients, len(tensors))
+    grads = []
+    for ci, t in zip(c, tensors):
+        matrix, moved = _by_group(t, dim)
+        norms = _row_norms64(matrix, 2).unsqueeze(1)
+        unit = torch.where(norms == 0, 0.0, matrix / torch.where(norms == 0, 1.0, norms))
+        term = weight * group_scale(t, dim, scale_by_size) * unit + l1 * torch.sign(matrix)
+        grads.append(float(ci) * _from_groups(term, moved, t, dim))
+    return grads
+
+
+def group_thresholds(tensors: Sequence[Tensor], threshold: float, dim: int, scale_by_size: bool,
+                     coefficients=None) -> list[float]:
+    """``c_i * threshold * s_g`` per tensor, in float64."""
+    c = coefficient_values(coefficients, len(tensors))
+    return [float(ci) * threshold * group_scale(t, dim, scale_by_size) for ci, t in zip(c, tensors)]
+
+
+def oracle_prox_group_lasso(tensors: Sequence[Tensor], threshold: float, dim: int,
+                            l1_threshold: float = 0.0, scale_by_size: bool = True,
+                            coefficients=None) -> list[Tensor]:
+    """Soft-threshold by ``c_i * l1_threshold`` (rounded as the kernels round it), then
+    ``w_g * max(0, 1 - c_i * threshold * s_g / ||w_g||)`` in float64, rounded once per
+    step to the tensor's dtype as the kernels store it."""
+    if l1_threshold:
+        tensors = oracle_prox(tensors, l1_threshold, coefficients)
+    out = []
+    for t, limit in zip(tensors, group_thresholds(tensors, threshold, dim, scale_by_size, coefficients)):
+        matrix, moved = _by_group(t, dim)
+        norms = _row_norms64(matrix, 2).unsqueeze(1)
+        factor = torch.where(norms == 0, 0.0, torch.clamp_min(1 - limit / norms, 0))
+        out.append(_from_groups(matrix * factor, moved, t, dim).to(t.dtype))
     return out
 
 

@@ -51,3 +51,21 @@ def skip_if_too_big(backend, device) -> Callable[[Sequence[torch.Tensor]], None]
                         f"(cap: {limit.tensors} tensors, {limit.numel} elements)")
 
     return check
+
+
+# The Triton interpreter runs one Python program per group of a group op (a 1-D tensor
+# has one group per element): keep the number of groups small there too.
+INTERPRETER_GROUP_LIMIT = 100
+
+
+@pytest.fixture
+def skip_if_too_many_groups(backend, device, skip_if_too_big) -> Callable[[Sequence[torch.Tensor], int], None]:
+    """Like ``skip_if_too_big``, also counting the groups along ``dim`` of a group op."""
+    def check(tensors: Sequence[torch.Tensor], dim: int = 0) -> None:
+        skip_if_too_big(tensors)
+        if backend == "triton" and device.type == "cpu":
+            groups = sum(t.shape[dim] if t.dim() else 1 for t in tensors)
+            if groups > INTERPRETER_GROUP_LIMIT:
+                pytest.skip(f"{groups} groups are too many for the Triton interpreter")
+
+    return check

@@ -1,5 +1,6 @@
 """ActivationRegularizer, WeightRegularizer and sparsity_report against plain PyTorch."""
 import gc
+import math
 import weakref
 
 import pytest
@@ -263,6 +264,44 @@ def test_penalty_add_grad_and_attach_give_the_same_gradient(device, backend):
     assert_grads_close(detached, plain)
 
 
+@pytest.mark.parametrize("l1, l2, group_dim", [(0.0, 0.0, 0), (L1, 0.0, 1), (L1, L2, 0)],
+                         ids=["group", "sparse_group_dim1", "all_terms"])
+def test_group_lasso_in_all_three_routes(device, backend, l1, l2, group_dim):
+    model = weight_model(device)
+    x = torch.randn(4, 6, device=device)
+    with torch.no_grad():
+        model[0].weight[2] = 0  # an all-zero group along dim 0 (its subgradient is 0)
+    reg = regfuse.WeightRegularizer(model, l1=l1, l2=l2, group_lasso=0.05, group_dim=group_dim,
+                                    backend=backend)
+    weights = [model[0].weight, model[3].weight]
+
+    def by_hand():
+        rows = [w if group_dim == 0 else w.t() for w in weights]
+        group = sum(0.05 * math.sqrt(r.shape[1]) * r.norm(dim=1).sum() for r in rows)
+        return group + plain_penalty(weights, l1, l2)
+
+    torch.testing.assert_close(reg.penalty(), by_hand())
+    _, expected = loss_and_grads(model, x, by_hand)
+    _, with_penalty = loss_and_grads(model, x, reg.penalty)
+    assert_grads_close(with_penalty, expected)
+    loss_and_grads(model, x)
+    reg.add_grad_()
+    assert_grads_close(param_grads(model), expected)
+    handle = reg.attach()
+    _, attached = loss_and_grads(model, x)
+    assert_grads_close(attached, expected)
+    handle.remove()
+    assert "group_lasso=0.05" in repr(reg)
+
+
+def test_group_lasso_needs_a_valid_group_dim():
+    with pytest.raises(IndexError):
+        regfuse.WeightRegularizer(nn.Linear(3, 2), group_lasso=1.0, group_dim=2)
+    with pytest.raises(ValueError, match="group_lasso"):
+        regfuse.WeightRegularizer(nn.Linear(3, 2), group_lasso=-1.0)
+    regfuse.WeightRegularizer(nn.Linear(3, 2), group_dim=2)  # unused without group_lasso
+
+
 def test_attach_is_one_fused_call_per_backward(monkeypatch):
     calls = []
     real = regfuse.training.add_penalty_grad_
@@ -325,6 +364,19 @@ def test_sparsity_report_counts_zeros_and_norms(backend, device):
     logged = report.as_dict("train/")
     assert logged["train/sparsity/b"] == 1.0 and logged["train/l1/a"] == pytest.approx(3.5)
     assert "total" in str(report) and "c" in str(report)
+
+
+def test_sparsity_report_counts_zero_groups(backend, device):
+    conv = torch.randn(6, 2, 3, device=device)
+    conv[[1, 4]] = 0
+    conv[0, 0] = 0  # zeros in a group that is not all zero
+    bias = torch.tensor([0.0, 1.0, 0.0], device=device)
+    report = regfuse.sparsity_report([("conv", conv), ("bias", bias), ("scalar", torch.zeros((), device=device)),
+                                      ("empty", torch.zeros(0, 4, device=device))], backend=backend)
+    assert [(r.groups, r.zero_groups) for r in report.rows] == [(6, 2), (3, 2), (1, 1), (0, 0)]
+    assert report.rows[0].group_sparsity == pytest.approx(1 / 3) and report.rows[3].group_sparsity == 0.0
+    assert report.as_dict()["zero_groups/bias"] == pytest.approx(2 / 3)
+    assert "2/6" in str(report)
 
 
 def test_sparsity_report_of_a_model_and_of_nothing():
