@@ -4,7 +4,9 @@ For every operation the providers compute the same thing on the same tensors:
 
 * ``naive``: the Python loop people write today (see the examples): a per-tensor
   ``torch.norm`` stacked, ``sum(l1 * p.abs().sum() + l2 * (p * p).sum() ...)`` and, for
-  the in-place gradient, that same loss followed by ``backward()``;
+  the in-place gradient, that same loss followed by ``backward()``; for the group lasso,
+  ``sum(sqrt(size) * w.flatten(1).norm(dim=1).sum() ...)`` and its block soft-threshold
+  ``w.mul_(clamp(1 - t * sqrt(size) / norms, min=0))`` per tensor;
 * ``naive_cat`` (penalties): the ``torch.cat([p.flatten() ...])`` variant;
 * ``naive_inplace`` (gradient update): ``p.grad += l1 * sign(p) + 2 * l2 * p`` per tensor;
 * ``foreach``: PyTorch's multi-tensor kernels (``torch._foreach_norm``, ``_foreach_add_``,
@@ -19,6 +21,7 @@ that providers can be checked against each other.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -39,6 +42,9 @@ THRESHOLD = 1e-7
 # every call of every provider scales every gradient.
 MAX_NORM = 1.0
 CLIP_DECAY = 0.999
+# The group lasso strength, and its proximal threshold lr * strength for lr = 1e-2.
+GROUP = 1e-4
+GROUP_THRESHOLD = 1e-6
 
 
 @dataclass
@@ -83,6 +89,10 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("add_penalty_grad_", 3, True, True, True, ("params",),
        "p.grad += l1 * sign(p) + 2 * l2 * p"),
     Op("prox_l1_", 2, True, False, False, ("params",), "in-place soft-thresholding"),
+    Op("group_penalty_fwd_bwd", 4, True, True, True, ("params",),
+       "group lasso (filters/rows along dim 0) forward + backward into allocated .grad"),
+    Op("prox_group_lasso_", 2, True, False, False, ("params",),
+       "in-place block soft-thresholding of the rows along dim 0"),
     Op("activity_fwd_bwd", 3, True, True, False, ("activations",),
        "L1 activity penalty forward + torch.autograd.grad"),
     # Clipping reads every gradient, then reads and writes it; below max_norm a perfect
@@ -194,8 +204,26 @@ def _torch_clip(op: Op, foreach: bool) -> Provider:
     return clip
 
 
+def _rows(t: Tensor) -> Tensor:
+    # The groups along dim 0 as rows; a 1-D tensor has one group per element.
+    return t.reshape(len(t), -1)
+
+
+def _loop_group_penalty(state: State) -> Tensor:
+    return sum(GROUP * math.sqrt(t[0].numel()) * _rows(t).norm(dim=1).sum() for t in state.tensors)
+
+
+@torch.no_grad()
+def _loop_prox_group(state: State) -> None:
+    for t in state.tensors:
+        rows = _rows(t)
+        norms = rows.norm(dim=1, keepdim=True)
+        rows.mul_((1 - GROUP_THRESHOLD * math.sqrt(rows.shape[1]) / norms).clamp_min(0))
+
+
 # Per operation: the baseline providers, in table order ("naive" first), and which of
-# them torch.compile is given.
+# them torch.compile is given. (torch has no multi-tensor kernel for per-row norms: the
+# group operations have no foreach baseline.)
 _BASELINES: dict[str, dict[str, Provider]] = {
     "norms_p1": {"naive": _stacked_norms(1), "foreach": _foreach_norms(1)},
     "norms_p2": {"naive": _stacked_norms(2), "foreach": _foreach_norms(2)},
@@ -208,6 +236,8 @@ _BASELINES: dict[str, dict[str, Provider]] = {
     "activity_fwd_bwd": {"naive": _loop_activity, "foreach": _foreach_activity},
     **{name: {"naive": _torch_clip(OPS[name], foreach=False),
               "foreach": _torch_clip(OPS[name], foreach=True)} for name in CLIP_OPS},
+    "group_penalty_fwd_bwd": {"naive": _loop_group_penalty},
+    "prox_group_lasso_": {"naive": _loop_prox_group},
 }
 _COMPILED_BASELINE = {"add_penalty_grad_": "naive_inplace"}  # default: "naive"
 
@@ -227,12 +257,16 @@ def _regfuse(op: Op, backend: str) -> Provider:
         return lambda s: regfuse.penalty(s.tensors, l1=L1, backend=backend)
     if name in CLIP_OPS:
         return lambda s: regfuse.clip_grad_norm_(s.tensors, _clip_max_norm(op, s), backend=backend)
+    if name == "group_penalty_fwd_bwd":
+        return lambda s: regfuse.group_penalty(s.tensors, GROUP, backend=backend)
+    if name == "prox_group_lasso_":
+        return lambda s: regfuse.prox_group_lasso_(s.tensors, GROUP_THRESHOLD, backend=backend)
     raise ValueError(f"no regfuse provider for {name}")
 
 
 def _with_backward(op: Op, forward: Provider) -> Provider:
     """``forward`` followed by the backward that ``op`` includes, if any."""
-    if op.name == "penalty_fwd_bwd":
+    if op.name in ("penalty_fwd_bwd", "group_penalty_fwd_bwd"):
         def forward_backward(state: State) -> Tensor:
             loss = forward(state)
             loss.backward()
@@ -270,11 +304,11 @@ def providers(op: Op, backends: list[str], with_compile: bool) -> dict[str, Prov
 
 def observe(op: Op, state: State, result: object) -> list[Tensor]:
     """What one call produced, as float tensors comparable across providers."""
-    if op.name in ("penalty_fwd_bwd", "add_penalty_grad_"):
+    if op.name in ("penalty_fwd_bwd", "add_penalty_grad_", "group_penalty_fwd_bwd"):
         out = [t.grad for t in state.tensors]
     elif op.name in CLIP_OPS:  # the returned norm, then the clipped gradients
         out = [result] + [t.grad for t in state.tensors]
-    elif op.name == "prox_l1_":
+    elif op.name in ("prox_l1_", "prox_group_lasso_"):
         out = state.tensors
     elif op.name == "activity_fwd_bwd":
         out = list(result)

@@ -110,6 +110,12 @@ def cpu_targets(limits: Limits) -> list[Target]:
         Target("norms(p=2), 2,000 x 256: >= 10x torch._foreach_norm", "regfuse_cpu",
                [(tiny, "norms_p2")], _speedup_foreach, 10.0, "x"),
         *clip_targets("regfuse_cpu", foreach_speedup=2.0, tiny_speedup=3.0),
+        # One target per list, so that the short run (no ViT) judges ResNet-50.
+        *[Target(f"{label}, {name}: >= 5x the naive loop", "regfuse_cpu", [(workload, op)],
+                 _speedup_naive, 5.0, "x")
+          for workload, name in ((resnet, "ResNet-50"), ("vit_b16", "ViT-B/16"))
+          for op, label in (("group_penalty_fwd_bwd", "group_penalty fwd+bwd"),
+                            ("prox_group_lasso_", "prox_group_lasso_"))],
     ]
 
 
@@ -164,6 +170,10 @@ def gpu_targets(limits: Limits, backend: str) -> list[Target]:
         Target("add_penalty_grad_: one kernel launch", provider,
                [(w, "add_penalty_grad_") for w in large], _launches, 1, "", at_most=True),
         *clip_targets(provider),
+        Target("group_penalty fwd+bwd, prox_group_lasso_, ResNet-50 + ViT-B/16: >= 5x naive",
+               provider, [(w, op) for w in ("resnet50", "vit_b16")
+                          for op in ("group_penalty_fwd_bwd", "prox_group_lasso_")],
+               _speedup_naive, 5.0, "x"),
     ]
 
 
