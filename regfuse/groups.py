@@ -71,7 +71,7 @@ def _as_rows(tensors: Sequence[Tensor], dims: Sequence[int]) -> list[Tensor]:
 
 def _row_layout(shapes: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
     """Per tensor of these shapes: its number of groups (dim 0) and ``sqrt(group size)``
-    as one ``(2, n)`` tensor on ``device`` (counts exact in any float dtype up to 2**24),
+    as one float64 ``(2, n)`` tensor on ``device`` (counts are exact in it),
     with its pinned source, and the number of groups in all; never an inference tensor."""
     counts = [shape[0] if shape else 1 for shape in shapes]
     sizes = [math.sqrt(math.prod(shape) // c) if c else 0.0 for shape, c in zip(shapes, counts)]

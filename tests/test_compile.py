@@ -115,3 +115,32 @@ def test_compile_total_norm_fullgraph_and_clip(device):
     total = torch.compile(lambda params: regfuse.clip_grad_norm_(params, 0.5))(compiled)
     assert_close(total, torch.nn.utils.clip_grad_norm_(reference, 0.5), what="compiled clip norm")
     assert_lists_close([p.grad for p in compiled], [r.grad for r in reference], what="compiled clip")
+
+
+def _group_sample(device) -> list[torch.Tensor]:
+    # Rows of a matrix, elements of a 1-D tensor, a 0-d tensor and a tensor without rows.
+    gen = torch.Generator().manual_seed(7)
+    shapes_dtypes = [((3, 4), torch.float32), ((5,), F16), ((), torch.float32), ((0, 2), F64), ((2, 3), F64)]
+    return [torch.randn(s, generator=gen, dtype=F64).to(device=device, dtype=d).requires_grad_()
+            for s, d in shapes_dtypes]
+
+
+@pytest.mark.parametrize("op", [Reduction.L1, Reduction.L2, Reduction.INF, Reduction.LP, Reduction.L1_L2],
+                         ids=lambda op: op.name)
+def test_opcheck_reduce_over_rows(backend, device, op):
+    p = 3.0 if op == Reduction.LP else 0.0
+    torch.library.opcheck(torch.ops.regfuse.reduce.default,
+                          (_group_sample(device), int(op), None, backend, p, True))
+
+
+def test_opcheck_reduce_backward_and_scale_over_rows(backend, device):
+    tensors = [t.detach() for t in _group_sample(device)]
+    rows = sum(t.shape[0] if t.dim() else 1 for t in tensors)
+    norms = torch.rand(2, rows, dtype=F64, device=device) + 0.5
+    grad_out = torch.rand(2, rows, dtype=F64, device=device)
+    torch.library.opcheck(torch.ops.regfuse.reduce_backward.default,
+                          (tensors, int(Reduction.L1_L2), grad_out, norms, None, backend, True))
+    torch.library.opcheck(torch.ops.regfuse.reduce_backward.default,
+                          (tensors, int(Reduction.L2), grad_out[1], norms[1], None, backend, True))
+    factors = torch.rand(rows, dtype=F64, device=device)
+    torch.library.opcheck(torch.ops.regfuse.scale_.default, ([t.clone() for t in tensors], factors, backend, True))

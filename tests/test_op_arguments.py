@@ -81,6 +81,19 @@ def test_unknown_reduction_and_empty_list(backend, device):
         ops.reduce([], L2, None, backend, 0.0)
 
 
+def test_scale_over_rows_needs_one_factor_per_row(backend, device):
+    tensors = _tensors(device)
+    # Over rows the factors are per row: 10 + 5 rows of the two 1-D tensors.
+    per_tensor = torch.ones(2, dtype=tensors[0].dtype, device=device)
+    _assert_refused(lambda: ops.scale_(tensors, per_tensor, backend, True), tensors, r"\(15,\)")
+
+
+def test_penalty_over_rows_is_refused(backend, device):
+    tensors = _tensors(device)
+    weights = torch.ones(2, 2, device=device)
+    _assert_refused(lambda: ops.reduce(tensors, PENALTY, weights, backend, 0.0, True), tensors, "rows")
+
+
 @pytest.mark.parametrize("bad", BAD)
 def test_reduce_backward_refuses_bad_norms(backend, device, bad):
     tensors = _tensors(device)
