@@ -228,7 +228,8 @@ def test_activation_gradient_penalty(backend):
 
 # ---- the scripts -------------------------------------------------------------------------
 
-# digits_activity_l1.py trains two models for 15 epochs: run by hand (docs/training.md).
+# digits_activity_l1.py trains two models for 15 epochs, group_lasso_pruning.py three for
+# 30: run by hand (docs/training.md); the latter's pruning is checked below.
 FAST_EXAMPLES = ["activation_l1_hooks", "layer_weights_l1_l2", "weight_only_l2",
                  "l1_grad_hook", "activation_gradient_penalty", "prox_l1_sparsity"]
 
@@ -246,3 +247,32 @@ def test_example_runs(name):
     finally:
         torch.set_num_threads(threads)  # an example may pin it
     assert printed.getvalue().strip()
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_group_lasso_pruning_keeps_the_predictions(backend):
+    example = _load_example("group_lasso_pruning")
+    torch.manual_seed(3)
+    model = example.SmallCNN()
+    shrunk = {"conv1": [0, 3], "conv2": [1, 5, 7], "fc1": [2, 10, 11]}
+    with torch.no_grad():
+        for name, rows in shrunk.items():
+            model.grouped()[name][rows] *= 1e-5  # far below the threshold; the others far above
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    regfuse.ProximalStep(optimizer, group_lasso=1e-4, params=list(model.grouped().values()), backend=backend)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # the proximal step zeroes exactly the shrunk filters and neurons
+    for name, w in model.grouped().items():
+        assert (w.flatten(1).abs().sum(1) == 0).nonzero().flatten().tolist() == shrunk[name]
+    small = example.prune(model)
+    assert (small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features) == (14, 29, 61)
+    x = torch.rand(64, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
