@@ -93,7 +93,8 @@ def _per_group(per_tensor: Tensor, groups: Sequence[Tensor], scale_by_size: Sequ
     if torch.compiler.is_compiling():  # traced into the graph: no cache
         table, _, total = _row_layout(shapes, device, per_tensor.dtype)
     else:
-        table, _, total = _layout_cache.get(shapes, device, lambda: _row_layout(shapes, device, per_tensor.dtype))
+        build = lambda: _row_layout(shapes, device, per_tensor.dtype)  # noqa: E731
+        table, _, total = _layout_cache.get(shapes, device, build)
     counts, sizes = table[0].long(), table[1].to(per_tensor.dtype)
     scaled = torch.stack([row * sizes if scale else row for row, scale in zip(per_tensor, scale_by_size)])
     return scaled.repeat_interleave(counts, dim=1, output_size=total)

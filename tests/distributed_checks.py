@@ -382,6 +382,45 @@ def functions_on_whole_slices(env: Env) -> None:
 
 
 @check("dtensor")
+def group_ops_on_dtensors(env: Env) -> None:
+    # FSDP2's Shard(0) leaves every rank whole groups along dim 0 (rows): local launches;
+    # along dim 1 the groups are split, so the reductions gather them first.
+    matrices = [tensors()[i] for i in (0, 2, 3)] + [tensors()[1]]  # (5, 3), (1, 4), (3, 2), (7,)
+    for dim, placement in ((0, Shard(0)), (-1, Replicate())):
+        plain = [t.clone().requires_grad_() for t in matrices]
+        sharded = [env.shard(t).requires_grad_() for t in matrices]
+        got = regfuse.group_norms(sharded, dim=dim)
+        expected = regfuse.group_norms(plain, dim=dim)
+        for i, (g, e) in enumerate(zip(got, expected)):
+            if matrices[i].dim() == 2:
+                assert g.placements == (placement,), f"group_norms(dim={dim}) {i}: {g.placements}"
+            close(g, e, f"group_norms(dim={dim}) of tensor {i}")
+        total = regfuse.group_penalty(sharded, 0.3, dim=dim, l1=0.1, coefficients=[1.0, 2.0, 0.5, 1.0])
+        reference = regfuse.group_penalty(plain, 0.3, dim=dim, l1=0.1, coefficients=[1.0, 2.0, 0.5, 1.0])
+        close(total, reference, f"group_penalty(dim={dim})")
+        full(total).backward()
+        reference.backward()
+        for i, (d, t) in enumerate(zip(sharded, plain)):
+            assert d.grad.placements == d.placements
+            close(d.grad, t.grad, f"group_penalty(dim={dim}) gradient of tensor {i}")
+    plain = [t.clone() for t in matrices]
+    sharded = [env.shard(t) for t in matrices]
+    regfuse.prox_group_lasso_(plain, 0.4, l1_threshold=0.1)
+    regfuse.prox_group_lasso_(sharded, 0.4, l1_threshold=0.1)
+    for i, (d, t) in enumerate(zip(sharded, plain)):
+        close(d, t, f"prox_group_lasso_ of tensor {i}")
+    assert any(bool((t == 0).all(dim=-1).any()) for t in plain if t.dim() == 2)  # whole rows zeroed
+    before = [d.to_local().clone() for d in sharded]
+    try:
+        regfuse.prox_group_lasso_(sharded[:3], 0.4, dim=1)
+    except ValueError as exc:
+        assert "whole slices" in str(exc), exc
+    else:
+        MISMATCHES.append("prox_group_lasso_ on groups split over the ranks was not refused")
+    assert all(torch.equal(d.to_local(), b) for d, b in zip(sharded, before))
+
+
+@check("dtensor")
 def in_place_ops_on_shards(env: Env) -> None:
     coefficients = [1.0, 0.5, 2.0, 1.0, 0.0]
     plain = [t.clone() for t in tensors()]
@@ -454,8 +493,8 @@ def sparsity_report_of_dtensors(env: Env) -> None:
     named = [(f"t{i}", t) for i, t in enumerate(tensors())]
     expected = regfuse.sparsity_report(named)
     got = regfuse.sparsity_report([(n, env.shard(t)) for n, t in named])
-    assert [(r.name, r.numel, r.zeros) for r in got.rows] == \
-        [(r.name, r.numel, r.zeros) for r in expected.rows], (got, expected)
+    assert [(r.name, r.numel, r.zeros, r.groups, r.zero_groups) for r in got.rows] == \
+        [(r.name, r.numel, r.zeros, r.groups, r.zero_groups) for r in expected.rows], (got, expected)
     for r, e in zip(got.rows, expected.rows):
         assert math.isclose(r.l1, e.l1, rel_tol=1e-5) and math.isclose(r.l2, e.l2, rel_tol=1e-5), (r, e)
 
@@ -546,6 +585,28 @@ def activation_regularizer_scaled_per_sample(env: Env) -> None:
     loss.backward()
     act.remove()
     compare_grads(model, expected, "activation penalty / len(x)")
+
+
+@check("ddp-copy", "fsdp2")
+def proximal_step_of_model(env: Env) -> None:
+    # SGD with the proximal group lasso on the weights (FSDP2: rows sharded over the ranks,
+    # so each rank shrinks its own whole rows) against one process on the whole batch.
+    reference, _ = oracle_grads()  # its .grad: the gradients of one process
+    model = wrap(env, MLP())
+    local_loss(env, model).backward()
+    results = []
+    for net in (inner(model), reference):
+        weights = regfuse.WeightRegularizer(net, group_lasso=0.5)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+        prox = regfuse.ProximalStep(optimizer, group_lasso=weights.group_lasso, params=weights.params)
+        optimizer.step()
+        prox.remove()
+        results.append(dict(net.named_parameters()))
+    got, want = results
+    for name in want:
+        close(got[name].detach(), want[name].detach(), f"{name} after the proximal step")
+    assert any(bool((w == 0).all(dim=1).any()) for w in want.values() if w.dim() == 2), \
+        "the step should zero some rows"
 
 
 @check("ddp-copy", "ddp-view", "fsdp2")
