@@ -196,10 +196,21 @@ def _write_back(originals: Sequence[Tensor], work: Sequence[Tensor], dims: Seque
             original.copy_(updated.movedim(0, d))
 
 
-def _shrink_factors(norms: Tensor, thresholds: Tensor) -> Tensor:
-    """``max(0, 1 - t_g / ||w_g||)`` per group: 0 for an all-zero group; NaN where the
-    norm is NaN, so that a group holding a NaN becomes NaN as the formula says."""
-    return torch.where(norms == 0, 0, torch.clamp_min(1 - thresholds / norms, 0))
+def _shrink_scales(norms: Tensor, thresholds: Tensor) -> Tensor:
+    """The ``(2, groups)`` scale table of block soft-thresholding: row 0 zero, row 1
+    ``max(0, 1 - t_g / ||w_g||)``; NaN where the norm is NaN (a group holding a NaN becomes
+    NaN, as the formula says). Consumes ``norms`` and writes in place: each operation on a
+    vector of one number per group is a launch on a GPU (and a parallel region on a CPU).
+
+    The norm is clamped to the smallest normal number first: an all-zero group gets
+    ``1 - t / tiny``, clamped to 0 for any ``t >= tiny``, and 1 for ``t = 0`` (its zeros
+    stay zeros either way) where the formula would divide 0 by 0.
+    """
+    scales = norms.new_empty((2, norms.numel()))
+    scales[0].zero_()
+    torch.div(thresholds, norms.clamp_min_(torch.finfo(norms.dtype).tiny), out=scales[1])
+    scales[1].neg_().add_(1).clamp_min_(0)
+    return scales
 
 
 @dtensor_aware(in_place="values", slices=lambda args: args["dim"])
@@ -245,8 +256,7 @@ def prox_group_lasso_(params: TensorList, threshold: float, *, dim: int = 0,
         else:
             norms = ops.run_reduce(work, Reduction.L2, None, backend, work_info, rows=True)
         thresholds = _per_group(per_tensor[:1], work, (scale_by_size,))[0]
-        factors = _shrink_factors(norms, thresholds)
-        scales = torch.stack((torch.zeros_like(factors), factors))
+        scales = _shrink_scales(norms, thresholds)
         if compiling:
             ops.scale_(work, scales, True, backend)
         else:
