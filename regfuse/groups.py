@@ -12,8 +12,8 @@ after another, so the chunk table that every kernel reads is built over the rows
 tensors instead of the tensors themselves (``rows=True``, see
 :mod:`regfuse.backends.base`). The per-entry reductions are then the group norms in one
 launch over the whole list, the fused backward ``a * sign(x) + b * x`` with per-row
-scales is the group penalty's gradient, and the same element-wise kernel written in
-place with ``a = 0`` and ``b`` = each group's shrink factor is block soft-thresholding.
+scales is the group penalty's gradient, and the in-place scaling kernel with one factor
+per row (each group's shrink factor) is block soft-thresholding.
 Groups along another ``dim`` go through a contiguous ``movedim(dim, 0)`` copy (written
 back by the in-place op): one extra pass over those tensors.
 
@@ -100,11 +100,13 @@ def _per_group(per_tensor: Tensor, groups: Sequence[Tensor], scale_by_size: Sequ
     return scaled.repeat_interleave(counts, dim=1, output_size=total)
 
 
-def _reduce_rows(groups: list[Tensor], op: Reduction, backend: str, info: ListInfo) -> Tensor:
-    """Per-group reductions of ``groups`` (their rows), differentiable where a graph is built."""
+def _reduce_rows(groups: list[Tensor], op: Reduction, backend: str, info: ListInfo,
+                 p: float = 0.0) -> Tensor:
+    """Per-group reductions of ``groups`` (their rows), differentiable where a derivative
+    is recorded (reverse or forward mode)."""
     if _builds_graph(info):
-        return ops.reduce_with_grad(groups, op, None, backend, rows=True)
-    return ops.run_reduce(groups, op, None, backend, info, rows=True)
+        return ops.reduce_with_grad(groups, op, None, backend, p, rows=True)
+    return ops.run_reduce(groups, op, None, backend, info, p=p, rows=True)
 
 
 @dtensor_aware(reduce=lambda args: norm_combination(args["p"]), per_tensor="list",
@@ -123,23 +125,24 @@ def group_norms(tensors: TensorList, *, dim: int = 0, p: float = 2,
         dim: the dimension the groups are taken along (slices ``w.select(dim, j)``),
             valid for every tensor (0 or -1 for a 0-d tensor). Groups along dim 0 are
             read in place; another ``dim`` costs a contiguous ``movedim`` copy.
-        p: 1, 2 or ``float('inf')``.
+        p: the order, as for :func:`regfuse.norms` (1, 2 and ``inf`` have fast paths).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
         A list with, per tensor, a 1-D tensor of its ``w.shape[dim]`` group norms
         (float32, float64 where any input is float64), all views of one buffer;
-        differentiable twice. The norm of an empty group is 0.
+        differentiable twice, and in forward mode. The norm of an empty group is 0 (+inf
+        for ``p=-inf``, as :func:`regfuse.norms`).
     """
     tensors = as_list(tensors)
-    op = _norm_reduction(p, False)
+    op, order = _norm_reduction(p)
     backends.check_backend_name(backend)
     dims = _group_dims(tensors, dim)
     if not tensors:
         return []
     info = inspect(tensors)
     groups = _as_rows(tensors, dims)
-    return list(_reduce_rows(groups, op, backend, info).split(row_counts(groups)))
+    return list(_reduce_rows(groups, op, backend, info, order).split(row_counts(groups)))
 
 
 @dtensor_aware(reduce=SUM, slices=lambda args: args["dim"])
@@ -196,21 +199,17 @@ def _write_back(originals: Sequence[Tensor], work: Sequence[Tensor], dims: Seque
             original.copy_(updated.movedim(0, d))
 
 
-def _shrink_scales(norms: Tensor, thresholds: Tensor) -> Tensor:
-    """The ``(2, groups)`` scale table of block soft-thresholding: row 0 zero, row 1
-    ``max(0, 1 - t_g / ||w_g||)``; NaN where the norm is NaN (a group holding a NaN becomes
-    NaN, as the formula says). Consumes ``norms`` and writes in place: each operation on a
-    vector of one number per group is a launch on a GPU (and a parallel region on a CPU).
+def _shrink_factors(norms: Tensor, thresholds: Tensor) -> Tensor:
+    """``max(0, 1 - t_g / ||w_g||)`` per group, NaN where the norm is NaN (a group holding a
+    NaN becomes NaN, as the formula says). Written in place into ``thresholds``, and
+    consumes ``norms``: each operation on a vector of one number per group is a launch on a
+    GPU (and a parallel region on a CPU).
 
     The norm is clamped to the smallest normal number first: an all-zero group gets
     ``1 - t / tiny``, clamped to 0 for any ``t >= tiny``, and 1 for ``t = 0`` (its zeros
     stay zeros either way) where the formula would divide 0 by 0.
     """
-    scales = norms.new_empty((2, norms.numel()))
-    scales[0].zero_()
-    torch.div(thresholds, norms.clamp_min_(torch.finfo(norms.dtype).tiny), out=scales[1])
-    scales[1].neg_().add_(1).clamp_min_(0)
-    return scales
+    return thresholds.div_(norms.clamp_min_(torch.finfo(norms.dtype).tiny)).neg_().add_(1).clamp_min_(0)
 
 
 @dtensor_aware(in_place="values", slices=lambda args: args["dim"])
@@ -238,7 +237,7 @@ def prox_group_lasso_(params: TensorList, threshold: float, *, dim: int = 0,
     l1_threshold = check_nonnegative("l1_threshold", l1_threshold)
     params = as_list(params)
     dims = _group_dims(params, dim)
-    params, info = _in_place_target(params, backend)
+    params, info = _in_place_target(params, backend, "prox_group_lasso_")
     if info is None:
         return
     per_tensor = _weights((threshold, l1_threshold), coefficients, len(params), info)
@@ -252,15 +251,14 @@ def prox_group_lasso_(params: TensorList, threshold: float, *, dim: int = 0,
             else:
                 ops.run_prox_l1_(work, per_tensor[1], backend, work_info)
         if compiling:
-            norms = ops.reduce(work, int(Reduction.L2), None, backend, True)
+            norms = ops.reduce(work, int(Reduction.L2), None, backend, 0.0, True)
         else:
             norms = ops.run_reduce(work, Reduction.L2, None, backend, work_info, rows=True)
-        thresholds = _per_group(per_tensor[:1], work, (scale_by_size,))[0]
-        scales = _shrink_scales(norms, thresholds)
+        factors = _shrink_factors(norms, _per_group(per_tensor[:1], work, (scale_by_size,))[0])
         if compiling:
-            ops.scale_(work, scales, True, backend)
+            ops.scale_(work, factors, backend, True)
         else:
-            ops.run_scale_(work, scales, True, backend, work_info)
+            ops.run_scale_(work, factors, backend, work_info, rows=True)
         _write_back(params, work, dims)
     if not compiling:
         _bump_versions(params)
@@ -278,11 +276,11 @@ def add_group_penalty_grad_(params: TensorList, weight: float, *, dim: int = 0,
     weight = check_nonnegative("weight", weight)
     params = as_list(params)
     dims = _group_dims(params, dim)
-    params, info = _in_place_target(params, backend)
+    params, info = _in_place_target(params, backend, "add_group_penalty_grad_")
     if info is None:
         return
     per_tensor = _weights((weight,), None, len(params), info)
-    grads = _grads_to_update(params)
+    grads = _grads_to_update(params, "add_group_penalty_grad_")
     with torch.no_grad():
         work = [g.contiguous() for g in _as_rows(params, dims)]
         work_grads = [g.contiguous() for g in _as_rows(grads, dims)]

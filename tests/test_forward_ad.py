@@ -7,7 +7,7 @@ import torch.autograd.forward_ad as fwAD
 
 import regfuse
 from cases import (F16, F32, F64, INF, NORM_IDS, NORM_KINDS, ORDER_IDS, ORDERS, assert_close, case,
-                   oracle_total_norm, result_dtype)
+                   oracle_group_norms, oracle_group_penalty, oracle_total_norm, result_dtype)
 
 norm_kinds = pytest.mark.parametrize("p, squared", NORM_KINDS, ids=NORM_IDS)
 orders = pytest.mark.parametrize("p", ORDERS, ids=ORDER_IDS)
@@ -89,6 +89,32 @@ def test_total_norm_of_dual_tensors(backend, device, name, p):
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, INF])
+@pytest.mark.parametrize("dim", [0, -1])
+@pytest.mark.parametrize("name", ["zero_groups-f32", "mixed_half", "zero_d-f64"])
+def test_group_norms_of_dual_tensors(backend, device, name, p, dim):
+    tensors = case(name).tensors(device)
+    tangents = _tangents(tensors)
+    primal, tangent = _dual_call(
+        lambda xs: torch.cat(regfuse.group_norms(xs, dim=dim, p=p, backend=backend)), tensors, tangents)
+    assert tangent is not None, "the tangent was dropped"
+    expected = _oracle_tangent(lambda xs: torch.cat(oracle_group_norms(xs, dim, p)), tensors, tangents)
+    assert_close(tangent, expected.to(tangent.dtype), what=f"group norms tangent p={p}")
+
+
+@pytest.mark.parametrize("l1", [0.0, 0.2], ids=["group", "sparse_group"])
+@pytest.mark.parametrize("name", ["zero_groups-f64", "mixed_half"])
+def test_group_penalty_of_dual_tensors(backend, device, name, l1):
+    tensors = case(name).tensors(device)
+    tangents = _tangents(tensors)
+    c = [0.5 + i for i in range(len(tensors))]
+    primal, tangent = _dual_call(
+        lambda xs: regfuse.group_penalty(xs, 0.3, l1=l1, coefficients=c, backend=backend), tensors, tangents)
+    assert tangent is not None, "the tangent was dropped"
+    expected = _oracle_tangent(lambda xs: oracle_group_penalty(xs, 0.3, 0, l1, True, c), tensors, tangents)
+    assert_close(tangent, expected.to(tangent.dtype), what="group penalty tangent")
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, INF])
 def test_torch_func_jvp(backend, device, p):
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(5, 3, generator=gen, dtype=F64).to(device)
@@ -133,11 +159,13 @@ def test_hessian_forward_over_reverse(backend, device, p):
     assert_close(jac_fwd, jac_rev, what="jacfwd vs jacrev")
 
 
-@pytest.mark.parametrize("op", ["norms", "penalty", "total_norm"])
+@pytest.mark.parametrize("op", ["norms", "penalty", "total_norm", "group_norms", "group_penalty"])
 def test_vmap_is_refused_clearly(backend, device, op):
     fn = {"norms": lambda x: regfuse.norms([x], backend=backend),
           "penalty": lambda x: regfuse.penalty([x], 0.5, backend=backend),
-          "total_norm": lambda x: regfuse.total_norm([x], backend=backend)}[op]
+          "total_norm": lambda x: regfuse.total_norm([x], backend=backend),
+          "group_norms": lambda x: regfuse.group_norms([x], backend=backend)[0],
+          "group_penalty": lambda x: regfuse.group_penalty([x], 0.5, backend=backend)}[op]
     with pytest.raises(NotImplementedError, match="vmap"):
         torch.func.vmap(fn)(torch.randn(3, 4, device=device))
 
@@ -145,6 +173,7 @@ def test_vmap_is_refused_clearly(backend, device, op):
 IN_PLACE = {
     "add_penalty_grad_": lambda params, backend: regfuse.add_penalty_grad_(params, 0.5, 0.5, backend=backend),
     "prox_l1_": lambda params, backend: regfuse.prox_l1_(params, 0.1, backend=backend),
+    "prox_group_lasso_": lambda params, backend: regfuse.prox_group_lasso_(params, 0.1, backend=backend),
 }
 
 

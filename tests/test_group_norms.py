@@ -9,7 +9,7 @@ from cases import (BF16, CASES, F16, F32, F64, assert_close, assert_lists_close,
                    is_interpreted, oracle_group_norm_grads, oracle_group_norms, result_dtype,
                    with_specials)
 
-P_VALUES = pytest.mark.parametrize("p", [1, 2, math.inf], ids=["l1", "l2", "linf"])
+P_VALUES = pytest.mark.parametrize("p", [1, 2, 3, math.inf], ids=["l1", "l2", "l3", "linf"])
 all_cases = pytest.mark.parametrize("case", CASES, ids=str)
 # dim=-1 is valid for every tensor of every case (0-d included) and is not dim 0 for any
 # tensor of two or more dimensions: the movedim route.
@@ -142,7 +142,7 @@ def test_bad_arguments_are_refused(backend, device):
     with pytest.raises(TypeError, match="integer"):
         regfuse.group_norms(tensors, dim=0.0, backend=backend)
     with pytest.raises(ValueError, match="unsupported p"):
-        regfuse.group_norms(tensors, p=3, backend=backend)
+        regfuse.group_norms(tensors, p=-1, backend=backend)
     with pytest.raises(TypeError):
         regfuse.group_norms([torch.ones(3, dtype=torch.int64, device=device)], backend=backend)
     assert len(regfuse.group_norms([torch.randn((), device=device)], dim=-1, backend=backend)[0]) == 1
