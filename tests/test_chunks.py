@@ -13,6 +13,7 @@ from regfuse import chunks
 from regfuse.backends.base import DTYPE_CODES
 
 ITEMSIZE = {F32: 4, F64: 8, F16: 2, BF16: 2}
+DTYPE_OF_CODE = {int(code): dtype for dtype, code in DTYPE_CODES.items()}
 
 
 def _misaligned(numel: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -81,6 +82,62 @@ def test_native_table_equals_the_python_build(chunk_size):
                             chunk_size)
     python = chunks.build_host([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
                                [int(DTYPE_CODES[t.dtype]) for t in tensors], chunk_size, layout)
+    assert num_chunks == layout.num_chunks
+    assert torch.equal(native, python)
+
+
+def _row_list(seed: int = 2) -> list[torch.Tensor]:
+    """Row tables: odd row sizes (rows of 5 float32, 3 bfloat16), a 1-D tensor (rows of one
+    element), 0-d, no rows (0, 4), empty rows (3, 0), a misaligned start, rows spanning
+    several chunks."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, dtype=F32):
+        return torch.randn(shape, generator=gen, dtype=F64).to(dtype)
+
+    return [rand(7, 5), rand(4, 3, dtype=BF16), rand(9), rand(), rand(0, 4), rand(3, 0),
+            _misaligned(60, F32, gen).view(4, 15), rand(2, 1200, dtype=F64), rand(3, 2)]
+
+
+@pytest.mark.parametrize("chunk_size", [8, 512])
+def test_row_table_shares_each_tensors_slot(chunk_size):
+    tensors = _row_list()
+    table, layout = chunks.build_metadata(tensors, chunk_size, rows=True)
+    s = _sections(table, layout)
+    rows = [t.shape[0] if t.dim() else 1 for t in tensors]
+    assert layout.num_tensors == sum(rows)
+    entry = 0
+    next_free = {code: 0 for code in DTYPE_CODES.values()}
+    for t, count in zip(tensors, rows):
+        row = t.numel() // count if count else 0
+        code = int(DTYPE_CODES[t.dtype])
+        per_vector = 16 // ITEMSIZE[t.dtype]
+        for r in range(count):
+            e = entry + r
+            assert s["ptrs"][e] == t.data_ptr() + r * row * ITEMSIZE[t.dtype]
+            assert s["numels"][e] == row and s["dtypes"][e] == code
+            if r == 0:  # the tensor's slot: aligned, after the previous one
+                assert s["flat_offset"][e] % per_vector == 0
+                assert next_free[code] <= s["flat_offset"][e] < next_free[code] + per_vector
+            else:  # its later rows follow in the same slot, unpadded
+                assert s["flat_offset"][e] == s["flat_offset"][e - 1] + row
+        if count:
+            next_free[code] = s["flat_offset"][entry + count - 1] + row
+        entry += count
+    for code, end in next_free.items():
+        assert end <= layout.flat_sizes[code] < end + 16 // ITEMSIZE[DTYPE_OF_CODE[code]]
+
+
+@pytest.mark.skipif(getattr(chunks._C, "metadata", None) is None, reason="the C++ extension is not built")
+@pytest.mark.parametrize("chunk_size", [8, 512, 32768])
+def test_native_row_table_equals_the_python_build(chunk_size):
+    tensors = _row_list(seed=3)
+    native, num_chunks = chunks._C.metadata(tensors, chunk_size, 0, False, True)
+    rows = [t.shape[0] if t.dim() else 1 for t in tensors]
+    entries = chunks._row_entries([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
+                                  [int(DTYPE_CODES[t.dtype]) for t in tensors], rows)
+    layout = chunks._layout(entries[1], entries[2], chunk_size, entries[3])
+    python = chunks.build_host(*entries[:3], chunk_size, layout)
     assert num_chunks == layout.num_chunks
     assert torch.equal(native, python)
 
