@@ -100,11 +100,26 @@ def run_ops(backend: str, tensors: list[Tensor]) -> list[tuple[str, Callable[[st
         total = regfuse.clip_grad_norm_(params, 0.5, backend=b)
         return [total] + [p.grad for p in params]
 
+    def group_norms(b: str):  # the table over rows: one entry per slice along dim 0
+        return regfuse.group_norms(tensors, backend=b)
+
+    def group_penalty_fwd_bwd(b: str):  # L1_L2 over rows, then the backward over rows
+        leaves = [t.requires_grad_() for t in copies(tensors)]
+        loss = regfuse.group_penalty(leaves, 3e-2, l1=1e-2, coefficients=coefficients, backend=b)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    def prox_group(b: str):  # norms over rows, then the in-place scale with one factor per row
+        params = copies(tensors)
+        regfuse.prox_group_lasso_(params, 0.3, l1_threshold=0.1, coefficients=coefficients, backend=b)
+        return params
+
     return [("norms_p1", norms(1)), ("norms_p2", norms(2)), ("norms_inf", norms(float("inf"))),
             ("norms_sq", norms(2, squared=True)), ("norms_p3", norms(3)), ("norms_p0.5", norms(0.5)),
             ("norms_p0", norms(0)), ("norms_-inf", norms(float("-inf"))),
             ("penalty_fwd_bwd", penalty_fwd_bwd), ("add_penalty_grad_", add_penalty_grad),
-            ("prox_l1_", prox), ("clip_grad_norm_", clip)]
+            ("prox_l1_", prox), ("clip_grad_norm_", clip), ("group_norms", group_norms),
+            ("group_penalty_fwd_bwd", group_penalty_fwd_bwd), ("prox_group_lasso_", prox_group)]
 
 
 def main() -> int:
