@@ -102,10 +102,25 @@ Partial reduce_chunk(const T* x, int64_t n, Lane p) {
       for (int u = 0; u < kUnroll; ++u)
         accumulate<kOp>(first[u], second[u], load_lanes<Lane, T, V>(xb + k + u * kWidth), p);
     }
+    // Folding costs a serial double add per lane: a short entry (a row of a row table,
+    // a tiny tensor) would spend more time on it than on its elements. Vectors the loop
+    // never touched hold the identity and are not folded; for the summing ops the
+    // unrolled vectors are added first (each lane then sums at most kBlock / kWidth
+    // elements in Lane precision before it reaches double).
+    if (k > 0) {
+      if constexpr (kOp == kInf || kOp == kNegInf) {
+        for (int u = 0; u < kUnroll; ++u)
+          for (int64_t j = 0; j < kWidth; ++j) fold<kOp>(partial, first[u][j], second[u][j]);
+      } else {
+        for (int u = 1; u < kUnroll; ++u) {
+          first[0] += first[u];
+          second[0] += second[u];
+        }
+        for (int64_t j = 0; j < kWidth; ++j) fold<kOp>(partial, first[0][j], second[0][j]);
+      }
+    }
     Lane first_tail = identity, second_tail = 0;
     for (; k < len; ++k) accumulate<kOp>(first_tail, second_tail, static_cast<Lane>(xb[k]), p);
-    for (int u = 0; u < kUnroll; ++u)
-      for (int64_t j = 0; j < kWidth; ++j) fold<kOp>(partial, first[u][j], second[u][j]);
     fold<kOp>(partial, first_tail, second_tail);
   }
   return partial;
