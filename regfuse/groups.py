@@ -230,8 +230,10 @@ def prox_group_lasso_(params: TensorList, threshold: float, *, dim: int = 0,
     ``s_g`` and ``dim`` are as in :func:`group_penalty`. A group holding a NaN becomes
     NaN (its norm is NaN); an all-zero group stays zero. Everything is checked before
     anything is modified; groups along a ``dim`` other than 0 are updated in a contiguous
-    copy that is written back. Costs one read for the norms and one read and write for
-    the scaling (plus one read and write for ``l1_threshold``), each a single launch.
+    copy that is written back. On the ``cpu`` backend each group is scaled right after
+    its norm, while it is still in cache: one read and one write of memory (plus one of
+    each for ``l1_threshold``); elsewhere one launch reads the groups for their norms and
+    one reads and writes them to scale them.
     """
     threshold = check_nonnegative("threshold", threshold)
     l1_threshold = check_nonnegative("l1_threshold", l1_threshold)
@@ -250,15 +252,16 @@ def prox_group_lasso_(params: TensorList, threshold: float, *, dim: int = 0,
                 ops.prox_l1_(work, per_tensor[1], backend)
             else:
                 ops.run_prox_l1_(work, per_tensor[1], backend, work_info)
-        if compiling:
+        thresholds = _per_group(per_tensor[:1], work, (scale_by_size,))[0]
+        one_pass = None if compiling else getattr(backends.resolve(backend, info.device), "block_shrink_", None)
+        if one_pass is not None:
+            one_pass(work, thresholds)
+        elif compiling:
             norms = ops.reduce(work, int(Reduction.L2), None, backend, 0.0, True)
+            ops.scale_(work, _shrink_factors(norms, thresholds), backend, True)
         else:
             norms = ops.run_reduce(work, Reduction.L2, None, backend, work_info, rows=True)
-        factors = _shrink_factors(norms, _per_group(per_tensor[:1], work, (scale_by_size,))[0])
-        if compiling:
-            ops.scale_(work, factors, backend, True)
-        else:
-            ops.run_scale_(work, factors, backend, work_info, rows=True)
+            ops.run_scale_(work, _shrink_factors(norms, thresholds), backend, work_info, rows=True)
         _write_back(params, work, dims)
     if not compiling:
         _bump_versions(params)

@@ -5,6 +5,10 @@ import pytest
 import torch
 
 import regfuse
+from regfuse import backends
+from regfuse.backends.base import Reduction, row_counts
+from regfuse.groups import _shrink_factors
+from regfuse.validation import inspect
 from cases import (BF16, CASES, F16, F32, F64, _by_group, _from_groups, assert_lists_close, case, dtype_id,
                    group_thresholds, oracle_group_norms, oracle_prox, oracle_prox_group_lasso,
                    sample_coefficients, with_specials)
@@ -165,3 +169,42 @@ def test_minimizes_the_proximal_objective(backend, device):
 
 def test_empty_list_is_a_no_op(backend):
     assert regfuse.prox_group_lasso_([], 0.5, backend=backend) is None
+
+
+@pytest.mark.parametrize("case", [*CASES, case("wide_rows")], ids=str)
+def test_one_pass_is_the_two_pass_route_bit_for_bit(backend, device, case):
+    # A backend's one-pass block soft-threshold must give the bits of its own row norms
+    # followed by its per-row scale, the route every other backend takes.
+    impl = backends.resolve(backend, device)
+    if not hasattr(impl, "block_shrink_"):
+        pytest.skip(f"the {backend} backend has no one-pass block soft-threshold")
+    one_pass = [t.contiguous() for t in case.tensors(device)]
+    if not one_pass or sum(row_counts(one_pass)) == 0:
+        pytest.skip("no group")
+    two_pass = [t.clone() for t in one_pass]
+    acc_dtype = inspect(one_pass).acc_dtype
+    norms = impl.reduce(two_pass, Reduction.L2, None, acc_dtype, rows=True)
+    # Thresholds from 0 to twice each norm: groups kept whole, shrunk and zeroed.
+    gen = torch.Generator().manual_seed(3)
+    thresholds = (torch.rand(norms.shape, generator=gen, dtype=F64).to(device) * 2
+                  * norms.nan_to_num(1.0, 1.0)).to(acc_dtype)
+    thresholds[::7] = 0
+    impl.scale_(two_pass, _shrink_factors(norms.clone(), thresholds.clone()), rows=True)
+    impl.block_shrink_(one_pass, thresholds)
+    for got, want in zip(one_pass, two_pass):  # the bits, signed zeros and NaNs included
+        assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+    if any(t.numel() for t in one_pass):  # some group was zeroed
+        assert any(bool((t == 0).any()) for t in one_pass if t.numel())
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, F16, BF16], ids=dtype_id)
+def test_one_pass_nan_and_inf(backend, device, dtype):
+    impl = backends.resolve(backend, device)
+    if not hasattr(impl, "block_shrink_"):
+        pytest.skip(f"the {backend} backend has no one-pass block soft-threshold")
+    params = [t.reshape(3, 3) for t in with_specials(device, dtype)]
+    acc_dtype = F64 if dtype == F64 else F32
+    expected = oracle_prox_group_lasso(params, 0.5, 0, scale_by_size=False)
+    impl.block_shrink_(params, torch.full((3 * len(params),), 0.5, dtype=acc_dtype, device=device))
+    assert_lists_close(params, expected, what="one-pass prox")
+    assert bool(params[0][1].isnan().all())

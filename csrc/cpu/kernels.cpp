@@ -66,6 +66,30 @@ void for_each_chunk(const int64_t* meta, const MetaLayout& layout, const F& f) {
   });
 }
 
+// Calls f(i) for every entry, in parallel over runs of consecutive entries holding about
+// equal numbers of elements (the entries of a row table range from one element to whole
+// tensors, so equal entry counts would not balance the threads).
+template <typename F>
+void for_each_entry(const int64_t* meta, const MetaLayout& layout, const F& f) {
+  const int64_t n = layout.num_tensors;
+  const int64_t* numels = meta + layout.numels();
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += numels[i];
+  const int64_t parts = std::clamp<int64_t>(total / kMinElementsPerTask, 1, 4 * at::get_num_threads());
+  std::vector<int64_t> bounds{0};
+  int64_t seen = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    seen += numels[i];
+    // Entry i closes part k once the parts before it hold k / parts of the elements.
+    if (seen * parts >= total * static_cast<int64_t>(bounds.size()) && i + 1 < n) bounds.push_back(i + 1);
+  }
+  bounds.push_back(n);
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part)
+      for (int64_t i = bounds[part]; i < bounds[part + 1]; ++i) f(i);
+  });
+}
+
 // What one chunk contributes: `first` is sum|x|, sum x^2, sum|x|^p, the count of
 // nonzeros, max|x| or min|x| by op; `second` is sum x^2 for kPenalty and kL1L2 (whose
 // `first` is sum|x|) and the NaN count for kInf / kNegInf.
@@ -290,6 +314,41 @@ void scale(const int64_t* meta, MetaLayout layout, const void* factors, bool acc
     // x * 1 is x, bit for bit: an unclipped gradient is read by nobody and written by nobody.
     auto unchanged = [&](int64_t i) { return f[i] == Acc(1); };
     map_elements<Acc>(meta, layout, false, times, dest, unchanged);
+  });
+}
+
+void block_shrink(const int64_t* meta, MetaLayout layout, const void* thresholds, bool acc_double) {
+  const int64_t* ptrs = meta + layout.ptrs();
+  const int64_t* numels = meta + layout.numels();
+  const int64_t* dtypes = meta + layout.dtypes();
+  const int64_t* chunk_offsets = meta + layout.chunk_offsets();
+  const int64_t* chunk_start = meta + layout.chunk_start();
+  dispatch_acc(acc_double, [&](auto acc_tag) {
+    using Acc = decltype(acc_tag);
+    const Acc* t = static_cast<const Acc*>(thresholds);
+    constexpr Acc kTiny = std::numeric_limits<Acc>::min();
+    for_each_entry(meta, layout, [&](int64_t i) {
+      dispatch_dtype(dtypes[i], [&](auto tag) {
+        using T = decltype(tag);
+        T* x = reinterpret_cast<T*>(ptrs[i]);
+        // The row's norm from the same chunk partials, folded in the same order, as
+        // reduce(kL2) over this table: bit for bit the norm of the two-pass route.
+        Partial total = initial_partial<kL2>();
+        for (int64_t c = chunk_offsets[i]; c < chunk_offsets[i + 1]; ++c) {
+          const int64_t start = chunk_start[c];
+          const Partial part = reduce_chunk<kL2, Acc>(x + start, std::min(layout.chunk_size, numels[i] - start), Acc(0));
+          fold<kL2>(total, part.first, part.second);
+        }
+        const Acc norm = static_cast<Acc>(std::sqrt(total.first));
+        // 1 - t / max(norm, tiny), clamped at 0; a NaN norm passes through both (NaN
+        // compares false), so a group holding a NaN becomes NaN.
+        const Acc shrink = Acc(1) - t[i] / (norm < kTiny ? kTiny : norm);
+        const Acc factor = shrink < Acc(0) ? Acc(0) : shrink;
+        if (factor == Acc(1)) return;  // x * 1 is x
+        // The row was just read: it is scaled while it is still in cache.
+        for (int64_t k = 0; k < numels[i]; ++k) x[k] = to_storage<T>(static_cast<Acc>(x[k]) * factor);
+      });
+    });
   });
 }
 

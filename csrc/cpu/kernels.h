@@ -34,5 +34,11 @@ void prox_l1(const int64_t* meta, MetaLayout layout, const void* thresholds, boo
 // In place x = x * factors[i] (factors: (n,)); tensors whose factor is 1 are not touched.
 void scale(const int64_t* meta, MetaLayout layout, const void* factors, bool acc_double);
 
+// Block soft-thresholding over a table of rows, in one pass: row i gets
+// x = x * max(0, 1 - thresholds[i] / max(||row_i||_2, tiny)), its norm computed as
+// reduce(kL2) computes it and the row scaled while it is still in cache (the two-pass
+// route reads every row twice from memory). Rows whose factor is 1 are not touched.
+void block_shrink(const int64_t* meta, MetaLayout layout, const void* thresholds, bool acc_double);
+
 }  // namespace cpu
 }  // namespace regfuse

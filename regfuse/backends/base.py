@@ -111,6 +111,16 @@ class Backend(Protocol):
         ``clip_grad_norm_`` cost one read of the gradients.
         """
 
+    # Optional: a backend without it gets the two-pass route of regfuse/groups.py
+    # (reduce(L2, rows=True), then scale_(rows=True)), whose results it must equal.
+    def block_shrink_(self, tensors: Sequence[Tensor], thresholds: Tensor) -> None:
+        """In place block soft-thresholding of the rows (``rows=True`` entries) in one pass:
+        row ``i`` gets ``x = x * max(0, 1 - thresholds[i] / max(||row_i||_2, tiny))``,
+        bit for bit as the two-pass route computes it.
+
+        ``thresholds`` is a ``(rows,)`` tensor of the accumulation dtype on the device.
+        """
+
 
 def grad_scales(op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
                 weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:

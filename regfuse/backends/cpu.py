@@ -5,7 +5,8 @@ from typing import Optional
 
 import torch
 
-from .native import IMPORT_ERROR, backward, prox_l1_, reduce, scale_  # noqa: F401  (the protocol)
+from .native import (IMPORT_ERROR, backward, block_shrink_, prox_l1_, reduce,  # noqa: F401  (the protocol)
+                     scale_)
 
 name = "cpu"
 

@@ -50,3 +50,8 @@ def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
 
 def scale_(tensors: Sequence[Tensor], factors: Tensor, rows: bool = False) -> None:
     _C.scale_(tensors, factors, factors.dtype == torch.float64, *current_stream(tensors[0].device), rows)
+
+
+def block_shrink_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
+    # CPU tensors only (the cpu backend); see Backend.block_shrink_.
+    _C.block_shrink_(tensors, thresholds, thresholds.dtype == torch.float64)
