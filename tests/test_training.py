@@ -239,6 +239,22 @@ def loss_and_grads(model, x, extra=lambda: 0):
     return loss.detach(), param_grads(model)
 
 
+def assert_three_routes(model, x, reg, by_hand):
+    """``reg.penalty()`` in the loss, ``reg.add_grad_()`` after ``backward()`` and
+    ``reg.attach()`` each give the gradient of the loss plus ``by_hand()``; returns the
+    attach handle, still attached."""
+    _, expected = loss_and_grads(model, x, by_hand)
+    _, with_penalty = loss_and_grads(model, x, reg.penalty)
+    assert_grads_close(with_penalty, expected)
+    loss_and_grads(model, x)
+    reg.add_grad_()
+    assert_grads_close(param_grads(model), expected)
+    handle = reg.attach()
+    _, attached = loss_and_grads(model, x)
+    assert_grads_close(attached, expected)
+    return handle
+
+
 def test_penalty_add_grad_and_attach_give_the_same_gradient(device, backend):
     model = weight_model(device)
     x = torch.randn(4, 6, device=device)
@@ -247,18 +263,7 @@ def test_penalty_add_grad_and_attach_give_the_same_gradient(device, backend):
     weights = [model[0].weight, model[3].weight]
 
     torch.testing.assert_close(reg.penalty(), plain_penalty(weights))
-    _, expected = loss_and_grads(model, x, lambda: plain_penalty(weights))
-    _, with_penalty = loss_and_grads(model, x, reg.penalty)
-    assert_grads_close(with_penalty, expected)
-
-    loss_and_grads(model, x)
-    reg.add_grad_()
-    assert_grads_close(param_grads(model), expected)
-
-    handle = reg.attach()
-    _, attached = loss_and_grads(model, x)
-    assert_grads_close(attached, expected)
-    handle.remove()
+    assert_three_routes(model, x, reg, lambda: plain_penalty(weights)).remove()
     _, detached = loss_and_grads(model, x)
     _, plain = loss_and_grads(model, x)
     assert_grads_close(detached, plain)
@@ -281,16 +286,7 @@ def test_group_lasso_in_all_three_routes(device, backend, l1, l2, group_dim):
         return group + plain_penalty(weights, l1, l2)
 
     torch.testing.assert_close(reg.penalty(), by_hand())
-    _, expected = loss_and_grads(model, x, by_hand)
-    _, with_penalty = loss_and_grads(model, x, reg.penalty)
-    assert_grads_close(with_penalty, expected)
-    loss_and_grads(model, x)
-    reg.add_grad_()
-    assert_grads_close(param_grads(model), expected)
-    handle = reg.attach()
-    _, attached = loss_and_grads(model, x)
-    assert_grads_close(attached, expected)
-    handle.remove()
+    assert_three_routes(model, x, reg, by_hand).remove()
     assert "group_lasso=0.05" in repr(reg)
 
 
