@@ -576,16 +576,18 @@ void add_grad_(const std::vector<at::Tensor>& grads, const std::vector<at::Tenso
 
 // The in-place element-wise ops: each element of entry i is updated with per_tensor[i]
 // (entries: the tensors, or with `rows` their rows).
-enum class InPlace { kProxL1, kScale, kBlockShrink };
+enum class InPlace { kProxL1, kScale, kBlockShrink, kSparseBlockShrink };
 
 void update_in_place(const std::vector<at::Tensor>& tensors, const at::Tensor& per_tensor,
                      const char* name, bool acc_double, int64_t stream, bool capturing, InPlace kind,
                      bool rows = false) {
   check_list(tensors, "tensor");
-  const at::Tensor t = per_tensor_table(per_tensor, name, 1, tensors, acc_double, num_entries(tensors, rows));
+  const bool sparse = kind == InPlace::kSparseBlockShrink;
+  const at::Tensor t =
+      per_tensor_table(per_tensor, name, sparse ? 2 : 1, tensors, acc_double, num_entries(tensors, rows));
   // On a GPU the block soft-threshold is the row norms and the per-row scale (two
   // launches, see regfuse/groups.py): a block cannot scale a row that other blocks sum.
-  TORCH_CHECK_VALUE(kind != InPlace::kBlockShrink || !on_cuda(tensors),
+  TORCH_CHECK_VALUE((kind != InPlace::kBlockShrink && !sparse) || !on_cuda(tensors),
                     "regfuse: block_shrink_ runs on CPU tensors only");
   const Metadata meta = metadata_for(tensors, stream, capturing, rows);
   c10::DeviceGuard guard(tensors[0].device());
@@ -597,10 +599,13 @@ void update_in_place(const std::vector<at::Tensor>& tensors, const at::Tensor& p
 #endif
   } else {
     py::gil_scoped_release no_gil;
-    const auto run = kind == InPlace::kScale         ? cpu::scale
-                     : kind == InPlace::kBlockShrink ? cpu::block_shrink
-                                                     : cpu::prox_l1;
-    run(table, meta.layout, t.data_ptr(), acc_double);
+    switch (kind) {
+      case InPlace::kProxL1: return cpu::prox_l1(table, meta.layout, t.data_ptr(), acc_double);
+      case InPlace::kScale: return cpu::scale(table, meta.layout, t.data_ptr(), acc_double);
+      case InPlace::kBlockShrink:
+      case InPlace::kSparseBlockShrink:
+        return cpu::block_shrink(table, meta.layout, t.data_ptr(), sparse, acc_double);
+    }
   }
 }
 
@@ -615,9 +620,13 @@ void scale_(const std::vector<at::Tensor>& tensors, const at::Tensor& factors, b
   update_in_place(tensors, factors, "factors", acc_double, stream, capturing, InPlace::kScale, rows);
 }
 
-// One pass per row: its norm, then the row scaled by max(0, 1 - thresholds[row] / norm).
-void block_shrink_(const std::vector<at::Tensor>& tensors, const at::Tensor& thresholds, bool acc_double) {
-  update_in_place(tensors, thresholds, "thresholds", acc_double, 0, false, InPlace::kBlockShrink, true);
+// One pass per row: its norm, then the row scaled by max(0, 1 - thresholds[row] / norm);
+// with soft_threshold_first, thresholds is (2, rows) and each row is first soft-thresholded
+// by thresholds[1][row].
+void block_shrink_(const std::vector<at::Tensor>& tensors, const at::Tensor& thresholds,
+                   bool soft_threshold_first, bool acc_double) {
+  update_in_place(tensors, thresholds, "thresholds", acc_double, 0, false,
+                  soft_threshold_first ? InPlace::kSparseBlockShrink : InPlace::kBlockShrink, true);
 }
 
 // The cached table for a list (or its rows) and a chunk size, for the Triton kernels.
@@ -670,7 +679,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("tensors"), py::arg("factors"), py::arg("acc_double"), py::arg("stream") = 0,
         py::arg("capturing") = false, py::arg("rows") = false);
   m.def("block_shrink_", &block_shrink_, "in-place block soft-thresholding of the rows, one pass (CPU)",
-        py::arg("tensors"), py::arg("thresholds"), py::arg("acc_double"));
+        py::arg("tensors"), py::arg("thresholds"), py::arg("soft_threshold_first"), py::arg("acc_double"));
   m.def("metadata", &metadata, "(int64 table on the device, number of chunks)", py::arg("tensors"),
         py::arg("chunk_size"), py::arg("stream") = 0, py::arg("capturing") = false,
         py::arg("rows") = false);

@@ -231,9 +231,10 @@ def prox_group_lasso_(params: TensorList, threshold: float, *, dim: int = 0,
     NaN (its norm is NaN); an all-zero group stays zero. Everything is checked before
     anything is modified; groups along a ``dim`` other than 0 are updated in a contiguous
     copy that is written back. On the ``cpu`` backend each group is scaled right after
-    its norm, while it is still in cache: one read and one write of memory (plus one of
-    each for ``l1_threshold``); elsewhere one launch reads the groups for their norms and
-    one reads and writes them to scale them.
+    its norm, while it is still in cache (after its soft-threshold, for ``l1_threshold``):
+    one read and one write of memory; elsewhere one launch reads the groups for their
+    norms and one reads and writes them to scale them (after a launch that
+    soft-thresholds them, for ``l1_threshold``).
     """
     threshold = check_nonnegative("threshold", threshold)
     l1_threshold = check_nonnegative("l1_threshold", l1_threshold)
@@ -247,21 +248,23 @@ def prox_group_lasso_(params: TensorList, threshold: float, *, dim: int = 0,
     with torch.no_grad():
         work = [g.contiguous() for g in _as_rows(params, dims)]
         work_info = info._replace(contiguous=True)
-        if l1_threshold > 0:
-            if compiling:
-                ops.prox_l1_(work, per_tensor[1], backend)
-            else:
-                ops.run_prox_l1_(work, per_tensor[1], backend, work_info)
-        thresholds = _per_group(per_tensor[:1], work, (scale_by_size,))[0]
         one_pass = None if compiling else getattr(backends.resolve(backend, info.device), "block_shrink_", None)
         if one_pass is not None:
-            one_pass(work, thresholds)
-        elif compiling:
-            norms = ops.reduce(work, int(Reduction.L2), None, backend, 0.0, True)
-            ops.scale_(work, _shrink_factors(norms, thresholds), backend, True)
+            thresholds, l1_thresholds = _per_group(per_tensor, work, (scale_by_size, False))
+            one_pass(work, thresholds, l1_thresholds if l1_threshold > 0 else None)
         else:
-            norms = ops.run_reduce(work, Reduction.L2, None, backend, work_info, rows=True)
-            ops.run_scale_(work, _shrink_factors(norms, thresholds), backend, work_info, rows=True)
+            if l1_threshold > 0:
+                if compiling:
+                    ops.prox_l1_(work, per_tensor[1], backend)
+                else:
+                    ops.run_prox_l1_(work, per_tensor[1], backend, work_info)
+            thresholds = _per_group(per_tensor[:1], work, (scale_by_size,))[0]
+            if compiling:
+                norms = ops.reduce(work, int(Reduction.L2), None, backend, 0.0, True)
+                ops.scale_(work, _shrink_factors(norms, thresholds), backend, True)
+            else:
+                norms = ops.run_reduce(work, Reduction.L2, None, backend, work_info, rows=True)
+                ops.run_scale_(work, _shrink_factors(norms, thresholds), backend, work_info, rows=True)
         _write_back(params, work, dims)
     if not compiling:
         _bump_versions(params)

@@ -171,10 +171,12 @@ def test_empty_list_is_a_no_op(backend):
     assert regfuse.prox_group_lasso_([], 0.5, backend=backend) is None
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["group", "sparse_group"])
 @pytest.mark.parametrize("case", [*CASES, case("wide_rows")], ids=str)
-def test_one_pass_is_the_two_pass_route_bit_for_bit(backend, device, case):
-    # A backend's one-pass block soft-threshold must give the bits of its own row norms
-    # followed by its per-row scale, the route every other backend takes.
+def test_one_pass_is_the_two_pass_route_bit_for_bit(backend, device, case, sparse):
+    # A backend's one-pass block soft-threshold must give the bits of its own
+    # soft-threshold (sparse) and row norms followed by its per-row scale, the route
+    # every other backend takes.
     impl = backends.resolve(backend, device)
     if not hasattr(impl, "block_shrink_"):
         pytest.skip(f"the {backend} backend has no one-pass block soft-threshold")
@@ -183,14 +185,20 @@ def test_one_pass_is_the_two_pass_route_bit_for_bit(backend, device, case):
         pytest.skip("no group")
     two_pass = [t.clone() for t in one_pass]
     acc_dtype = inspect(one_pass).acc_dtype
+    gen = torch.Generator().manual_seed(3)
+    l1_thresholds = None
+    if sparse:  # per tensor, some 0; the one-pass kernel takes them per row
+        per_tensor = (torch.rand(len(two_pass), generator=gen, dtype=F64) * 0.5).to(device, acc_dtype)
+        per_tensor[::3] = 0
+        impl.prox_l1_(two_pass, per_tensor)
+        l1_thresholds = per_tensor.repeat_interleave(torch.tensor(row_counts(two_pass), device=device))
     norms = impl.reduce(two_pass, Reduction.L2, None, acc_dtype, rows=True)
     # Thresholds from 0 to twice each norm: groups kept whole, shrunk and zeroed.
-    gen = torch.Generator().manual_seed(3)
     thresholds = (torch.rand(norms.shape, generator=gen, dtype=F64).to(device) * 2
                   * norms.nan_to_num(1.0, 1.0)).to(acc_dtype)
     thresholds[::7] = 0
     impl.scale_(two_pass, _shrink_factors(norms.clone(), thresholds.clone()), rows=True)
-    impl.block_shrink_(one_pass, thresholds)
+    impl.block_shrink_(one_pass, thresholds, l1_thresholds)
     for got, want in zip(one_pass, two_pass):  # the bits, signed zeros and NaNs included
         assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
     if any(t.numel() for t in one_pass):  # some group was zeroed

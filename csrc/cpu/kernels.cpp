@@ -317,7 +317,8 @@ void scale(const int64_t* meta, MetaLayout layout, const void* factors, bool acc
   });
 }
 
-void block_shrink(const int64_t* meta, MetaLayout layout, const void* thresholds, bool acc_double) {
+void block_shrink(const int64_t* meta, MetaLayout layout, const void* thresholds, bool soft_threshold_first,
+                  bool acc_double) {
   const int64_t* ptrs = meta + layout.ptrs();
   const int64_t* numels = meta + layout.numels();
   const int64_t* dtypes = meta + layout.dtypes();
@@ -326,17 +327,23 @@ void block_shrink(const int64_t* meta, MetaLayout layout, const void* thresholds
   dispatch_acc(acc_double, [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
     const Acc* t = static_cast<const Acc*>(thresholds);
+    const Acc* l1 = t + layout.num_tensors;
     constexpr Acc kTiny = std::numeric_limits<Acc>::min();
     for_each_entry(meta, layout, [&](int64_t i) {
       dispatch_dtype(dtypes[i], [&](auto tag) {
         using T = decltype(tag);
         T* x = reinterpret_cast<T*>(ptrs[i]);
+        const int64_t n = numels[i];  // a local: the stores below must not make it reload
+        if (soft_threshold_first) {  // prox_l1's update of the row, stored (rounded) first
+          const Acc li = l1[i];
+          for (int64_t k = 0; k < n; ++k) x[k] = to_storage<T>(soft_threshold(static_cast<Acc>(x[k]), li));
+        }
         // The row's norm from the same chunk partials, folded in the same order, as
         // reduce(kL2) over this table: bit for bit the norm of the two-pass route.
         Partial total = initial_partial<kL2>();
         for (int64_t c = chunk_offsets[i]; c < chunk_offsets[i + 1]; ++c) {
           const int64_t start = chunk_start[c];
-          const Partial part = reduce_chunk<kL2, Acc>(x + start, std::min(layout.chunk_size, numels[i] - start), Acc(0));
+          const Partial part = reduce_chunk<kL2, Acc>(x + start, std::min(layout.chunk_size, n - start), Acc(0));
           fold<kL2>(total, part.first, part.second);
         }
         const Acc norm = static_cast<Acc>(std::sqrt(total.first));
@@ -346,7 +353,7 @@ void block_shrink(const int64_t* meta, MetaLayout layout, const void* thresholds
         const Acc factor = shrink < Acc(0) ? Acc(0) : shrink;
         if (factor == Acc(1)) return;  // x * 1 is x
         // The row was just read: it is scaled while it is still in cache.
-        for (int64_t k = 0; k < numels[i]; ++k) x[k] = to_storage<T>(static_cast<Acc>(x[k]) * factor);
+        for (int64_t k = 0; k < n; ++k) x[k] = to_storage<T>(static_cast<Acc>(x[k]) * factor);
       });
     });
   });

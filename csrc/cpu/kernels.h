@@ -38,7 +38,10 @@ void scale(const int64_t* meta, MetaLayout layout, const void* factors, bool acc
 // x = x * max(0, 1 - thresholds[i] / max(||row_i||_2, tiny)), its norm computed as
 // reduce(kL2) computes it and the row scaled while it is still in cache (the two-pass
 // route reads every row twice from memory). Rows whose factor is 1 are not touched.
-void block_shrink(const int64_t* meta, MetaLayout layout, const void* thresholds, bool acc_double);
+// With soft_threshold_first, thresholds is (2, n) and row i is first soft-thresholded
+// by thresholds[n + i] as prox_l1 does it (the sparse group lasso), in the same pass.
+void block_shrink(const int64_t* meta, MetaLayout layout, const void* thresholds, bool soft_threshold_first,
+                  bool acc_double);
 
 }  // namespace cpu
 }  // namespace regfuse

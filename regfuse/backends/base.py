@@ -113,12 +113,16 @@ class Backend(Protocol):
 
     # Optional: a backend without it gets the two-pass route of regfuse/groups.py
     # (reduce(L2, rows=True), then scale_(rows=True)), whose results it must equal.
-    def block_shrink_(self, tensors: Sequence[Tensor], thresholds: Tensor) -> None:
+    def block_shrink_(self, tensors: Sequence[Tensor], thresholds: Tensor,
+                      l1_thresholds: Optional[Tensor] = None) -> None:
         """In place block soft-thresholding of the rows (``rows=True`` entries) in one pass:
         row ``i`` gets ``x = x * max(0, 1 - thresholds[i] / max(||row_i||_2, tiny))``,
-        bit for bit as the two-pass route computes it.
+        bit for bit as the two-pass route computes it. With ``l1_thresholds``, each row
+        is first soft-thresholded by ``l1_thresholds[i]`` as ``prox_l1_`` does it (the
+        sparse group lasso), and its norm is that of the result.
 
-        ``thresholds`` is a ``(rows,)`` tensor of the accumulation dtype on the device.
+        ``thresholds`` and ``l1_thresholds`` are ``(rows,)`` tensors of the accumulation
+        dtype on the device.
         """
 
 

@@ -52,6 +52,9 @@ def scale_(tensors: Sequence[Tensor], factors: Tensor, rows: bool = False) -> No
     _C.scale_(tensors, factors, factors.dtype == torch.float64, *current_stream(tensors[0].device), rows)
 
 
-def block_shrink_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
+def block_shrink_(tensors: Sequence[Tensor], thresholds: Tensor,
+                  l1_thresholds: Optional[Tensor] = None) -> None:
     # CPU tensors only (the cpu backend); see Backend.block_shrink_.
-    _C.block_shrink_(tensors, thresholds, thresholds.dtype == torch.float64)
+    if l1_thresholds is not None:
+        thresholds = torch.stack((thresholds, l1_thresholds))
+    _C.block_shrink_(tensors, thresholds, l1_thresholds is not None, thresholds.dtype == torch.float64)
