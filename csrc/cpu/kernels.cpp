@@ -66,15 +66,17 @@ void for_each_chunk(const int64_t* meta, const MetaLayout& layout, const F& f) {
   });
 }
 
-// Calls f(i) for every entry, in parallel over runs of consecutive entries holding about
-// equal numbers of elements (the entries of a row table range from one element to whole
-// tensors, so equal entry counts would not balance the threads).
+// Calls f(i) for every entry (for none when no entry holds an element), in parallel over
+// runs of consecutive entries with about equal numbers of elements: the entries of a row
+// table range from one element to whole tensors, so equal entry counts would not balance
+// the threads.
 template <typename F>
 void for_each_entry(const int64_t* meta, const MetaLayout& layout, const F& f) {
   const int64_t n = layout.num_tensors;
   const int64_t* numels = meta + layout.numels();
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) total += numels[i];
+  if (total == 0) return;  // only empty entries: nothing to read or write
   const int64_t parts = std::clamp<int64_t>(total / kMinElementsPerTask, 1, 4 * at::get_num_threads());
   std::vector<int64_t> bounds{0};
   int64_t seen = 0;
