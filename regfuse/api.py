@@ -17,8 +17,8 @@ from . import backends, ops
 from .backends.base import Reduction
 from .device_cache import DeviceCache, upload
 from .distributed import SUM, dtensor_aware, norm_combination, replicated_value
-from .validation import (_C, ListInfo, as_list, check_distinct, check_max_norm, check_nonnegative,
-                         check_readable, inspect)
+from .validation import (_C, ListInfo, as_list, bump_versions, check_distinct, check_max_norm,
+                         check_nonnegative, check_readable, inspect)
 
 TensorList = Union[Iterable[Tensor], Sequence[Tensor]]
 Coefficients = Optional[Union[Sequence[float], Tensor]]
@@ -361,17 +361,7 @@ def _run_in_place(custom_op, run, modified: Sequence[Tensor], args: tuple, info:
         custom_op(*args)
         return
     run(*args, info=info)
-    _bump_versions(modified)
-
-
-def _bump_versions(modified: Sequence[Tensor]) -> None:
-    # The kernels write through raw pointers; tell autograd the tensors changed so that a
-    # graph which saved them refuses to run a stale backward.
-    try:
-        torch.autograd.graph.increment_version(modified)
-    except TypeError:  # older torch takes one tensor at a time
-        for t in modified:
-            torch.autograd.graph.increment_version(t)
+    bump_versions(modified)
 
 
 @dtensor_aware(in_place="grads")

@@ -26,7 +26,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .backends.base import DTYPE_CODES, DTypeCode
+from .backends.base import DTYPE_CODES, DTypeCode, row_counts
 from .device_cache import DeviceCache, current_stream, upload
 
 try:
@@ -161,13 +161,13 @@ def build_metadata(tensors: Sequence[Tensor], chunk_size: int,
     ptrs = tuple(t.data_ptr() for t in tensors)
     numels = tuple(t.numel() for t in tensors)
     codes = tuple(int(DTYPE_CODES[t.dtype]) for t in tensors)
-    row_counts = tuple(t.shape[0] if t.dim() else 1 for t in tensors) if rows else None
+    rows_per_tensor = tuple(row_counts(tensors)) if rows else None
     device = tensors[0].device
 
     def build():
         _check_chunk_size(chunk_size)
         entry_ptrs, entry_numels, entry_codes, continues = (
-            _row_entries(ptrs, numels, codes, row_counts) if rows else (ptrs, numels, codes, ()))
+            _row_entries(ptrs, numels, codes, rows_per_tensor) if rows else (ptrs, numels, codes, ()))
         layout = _layout(entry_numels, entry_codes, chunk_size, continues)
         native = getattr(_C, "metadata", None)
         if native is not None:  # the same table, built and uploaded (and cached) natively
@@ -178,7 +178,7 @@ def build_metadata(tensors: Sequence[Tensor], chunk_size: int,
         meta, pinned = upload(host, device)
         return meta, layout, pinned  # the pinned source lives as long as the table
 
-    meta, layout, _ = _cache.get((ptrs, numels, codes, chunk_size, row_counts), device, build)
+    meta, layout, _ = _cache.get((ptrs, numels, codes, chunk_size, rows_per_tensor), device, build)
     return meta, layout
 
 

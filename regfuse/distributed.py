@@ -59,7 +59,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .validation import as_list
+from .validation import as_list, bump_versions
 
 __all__ = ["dtensor_aware", "norm_combination", "SUM", "MAX", "MIN", "NormPartial", "dtensor_class",
            "is_dtensor", "replicated_value"]
@@ -247,19 +247,13 @@ def _in_place(fn: Callable, bound, tensors: list, grads: bool) -> None:
             t.grad = _wrap_like(stand_in.grad, t)
         else:
             changed.append(t.grad)
-    _bump_versions(changed)
+    bump_versions(changed)
 
 
 def _wrap_like(local: Tensor, like) -> Tensor:
     from torch.distributed.tensor import DTensor
     return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
                               shape=like.shape, stride=like.stride())
-
-
-def _bump_versions(tensors: list) -> None:
-    # The kernels wrote the local shards; a DTensor's own version counter is separate.
-    if tensors:
-        torch.autograd.graph.increment_version(tensors)
 
 
 # ---- reductions ---------------------------------------------------------------------------

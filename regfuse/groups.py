@@ -34,12 +34,12 @@ import torch
 from torch import Tensor
 
 from . import backends, ops
-from .api import (Coefficients, TensorList, _builds_graph, _bump_versions, _coefficients,
+from .api import (Coefficients, TensorList, _builds_graph, _coefficients,
                   _grads_to_update, _in_place_target, _norm_reduction, _weights)
 from .backends.base import Reduction, row_counts
 from .device_cache import DeviceCache, upload
 from .distributed import SUM, dtensor_aware, norm_combination
-from .validation import ListInfo, as_list, check_nonnegative, inspect
+from .validation import ListInfo, as_list, bump_versions, check_nonnegative, inspect
 
 __all__ = ["group_norms", "group_penalty", "prox_group_lasso_"]
 
@@ -267,7 +267,7 @@ def prox_group_lasso_(params: TensorList, threshold: float, *, dim: int = 0,
                 ops.run_scale_(work, _shrink_factors(norms, thresholds), backend, work_info, rows=True)
         _write_back(params, work, dims)
     if not compiling:
-        _bump_versions(params)
+        bump_versions(params)
 
 
 @dtensor_aware(in_place="grads", slices=lambda args: args["dim"])
@@ -297,4 +297,4 @@ def add_group_penalty_grad_(params: TensorList, weight: float, *, dim: int = 0,
         impl.backward(work, Reduction.L2, group_weight, norms, None, info.acc_dtype,
                       accumulate_into=work_grads, rows=True)
         _write_back(grads, work_grads, dims)
-    _bump_versions(grads)
+    bump_versions(grads)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import norms
+from .backends.base import row_counts
 from .distributed import SUM, dtensor_aware, replicated_value
 from .groups import group_norms
 
@@ -157,5 +158,6 @@ def sparsity_report(tensors: NamedTensors, *, backend: str = "auto") -> Sparsity
     l1, l2, nonzeros, zero_groups = torch.stack(
         [l1.double(), l2.double(), nonzeros.double(), zero_groups.double()]).tolist()
     return SparsityReport([
-        TensorStats(name, t.numel(), t.numel() - int(nz), a, b, t.shape[0] if t.dim() else 1, int(zg))
-        for (name, t), nz, a, b, zg in zip(named, nonzeros, l1, l2, zero_groups)])
+        TensorStats(name, t.numel(), t.numel() - int(nz), a, b, groups, int(zg))
+        for (name, t), nz, a, b, zg, groups in zip(named, nonzeros, l1, l2, zero_groups,
+                                                    row_counts(values))])

@@ -8,7 +8,7 @@ Both raise the same exceptions with the same messages.
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -195,3 +195,16 @@ def check_gradients(grads: list, params: list, native: bool = True) -> None:
             raise ValueError(
                 f"regfuse: gradient {i} ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match "
                 f"its tensor ({tuple(p.shape)}, {p.dtype}, {p.device})")
+
+
+def bump_versions(modified: Sequence[Tensor]) -> None:
+    """Tell autograd that kernels wrote these tensors through raw pointers, so that a graph
+    which saved them refuses to run a stale backward (for DTensors: their local shards,
+    whose version counters are their own)."""
+    if not modified:
+        return
+    try:
+        torch.autograd.graph.increment_version(modified)
+    except TypeError:  # older torch takes one tensor at a time
+        for t in modified:
+            torch.autograd.graph.increment_version(t)

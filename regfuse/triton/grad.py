@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends.base import DTYPE_CODES, DTypeCode
+from ..backends.base import DTYPE_CODES, DTypeCode, row_counts
 from ..chunks import MetaLayout, build_metadata
 from . import (CONFIG, DTYPES_BY_CODE, FLOAT16, FLOAT32, FLOAT64, acc_type, chunk_work,
                device_guard, is_aligned, load_block, sign, store_block, to_element,
@@ -133,10 +133,10 @@ def _views(tensors: Sequence[Tensor], buffers: list[Tensor], layout: MetaLayout,
     """Tensor ``i``'s slot of its dtype's buffer, at the table's ``flat_offset`` of its
     first entry (its rows follow in the same slot)."""
     views, entry = [], 0
-    for t in tensors:
+    for t, entries in zip(tensors, row_counts(tensors) if rows else [1] * len(tensors)):
         offset = layout.flat_offsets[entry] if entry < layout.num_tensors else 0
         views.append(buffers[DTYPE_CODES[t.dtype]][offset:offset + t.numel()].view(t.shape))
-        entry += (t.shape[0] if t.dim() else 1) if rows else 1
+        entry += entries
     return views
 
 
