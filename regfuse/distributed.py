@@ -250,6 +250,14 @@ def _in_place(fn: Callable, bound, tensors: list, grads: bool) -> None:
     bump_versions(changed)
 
 
+def _unsharded(local: Tensor, mesh, placements) -> Tensor:
+    """``local`` as a DTensor whose global shape is its own: ``placements`` replicate it or
+    hold partial values of it, none shards it (no communication)."""
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=local.shape,
+                              stride=local.stride())
+
+
 def _wrap_like(local: Tensor, like) -> Tensor:
     from torch.distributed.tensor import DTensor
     return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
@@ -346,7 +354,7 @@ def _reduction(fn, signature, bound, tensors, mesh, combination, per_tensor, per
         raise ValueError(f"regfuse: {bad} must hold one value per tensor ({len(tensors)})")
     # One launch per placement group, each result made replicated (differentiably), then
     # combined as the reduction combines: one DTensor holds only one placement.
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import Replicate
     parts, order = [], []
     for out_placements, indices in groups.items():
         sub = _subset(signature, bound, tensors, indices, per_tensor_args)
@@ -360,8 +368,7 @@ def _reduction(fn, signature, bound, tensors, mesh, combination, per_tensor, per
         value = torch.cat(parts)[inverse.to(parts[0].device)]
     else:
         value = _combine(torch.stack(parts), combination)
-    return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False,
-                              shape=value.shape, stride=value.stride())
+    return _unsharded(value, mesh, [Replicate()] * mesh.ndim)
 
 
 def _combine(values: Tensor, combination: Combination) -> Tensor:
@@ -416,13 +423,11 @@ def _call_on(fn, bound, local: list):
 
 
 def _reduce_group(fn, bound, tensors: list, mesh, out_placements: tuple, combination, per_tensor: bool):
-    from torch.distributed.tensor import DTensor
     local = _local_shards(tensors)
     result = _call_on(fn, bound, local)
     if combination == SUM or not any(p.is_partial() for p in out_placements):
         # Gradient of a sum of shards: every shard gets the upstream gradient as it is.
-        return DTensor.from_local(result, mesh, out_placements, run_check=False,
-                                  shape=result.shape, stride=result.stride())
+        return _unsharded(result, mesh, out_placements)
     if isinstance(combination, NormPartial):
         return _NormPartialResult.apply(result, mesh, out_placements, combination.p)
     return _ExtremumPartialResult.apply(result, mesh, out_placements, per_tensor, *local)
@@ -455,21 +460,17 @@ class _NormPartialResult(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: Tensor, mesh, placements: tuple, p: float):
-        from torch.distributed.tensor import DTensor
         ctx.mesh, ctx.placements, ctx.p = mesh, placements, p
         ctx.save_for_backward(local)
-        return DTensor.from_local(local.detach(), mesh, placements, run_check=False,
-                                  shape=local.shape, stride=local.stride())
+        return _unsharded(local.detach(), mesh, placements)
 
     @staticmethod
     def backward(ctx, grad):
-        from torch.distributed.tensor import DTensor
         local, = ctx.saved_tensors
         # N from sum-partials of n**p: differentiable as it is (torch's backward of a
         # _NormPartial redistribution passes the gradient through unscaled), which makes
         # this backward itself differentiable.
-        powers = DTensor.from_local(local.pow(ctx.p), ctx.mesh, _partial_sum_placements(ctx.placements),
-                                    run_check=False, shape=local.shape, stride=local.stride())
+        powers = _unsharded(local.pow(ctx.p), ctx.mesh, _partial_sum_placements(ctx.placements))
         total = _replicated_locally(powers).pow(1 / ctx.p)
         zero = local == 0
         ratio = local / torch.where(zero, torch.ones_like(total), total)
@@ -490,27 +491,21 @@ class _ExtremumPartialResult(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: Tensor, mesh, placements: tuple, per_tensor: bool, *shards: Tensor):
-        from torch.distributed.tensor import DTensor
         ctx.mesh, ctx.placements, ctx.per_tensor = mesh, placements, per_tensor
         ctx.save_for_backward(local, *shards)
-        return DTensor.from_local(local.detach(), mesh, placements, run_check=False,
-                                  shape=local.shape, stride=local.stride())
+        return _unsharded(local.detach(), mesh, placements)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        from torch.distributed.tensor import DTensor
         local, *shards = ctx.saved_tensors
-        shape, stride = local.shape, local.stride()
-        extremum = DTensor.from_local(local, ctx.mesh, ctx.placements, run_check=False,
-                                      shape=shape, stride=stride).full_tensor()
+        extremum = _unsharded(local, ctx.mesh, ctx.placements).full_tensor()
         if ctx.per_tensor:
             hits = torch.stack([(s.abs().to(local.dtype) == m).sum() for s, m in zip(shards, local)]) \
                 if shards else local.new_zeros(0)
         else:
             hits = sum(((s.abs().to(local.dtype) == local).sum() for s in shards), local.new_zeros(()))
         hits = torch.where(local == extremum, hits.to(local.dtype), torch.zeros_like(local))
-        total = DTensor.from_local(hits, ctx.mesh, _partial_sum_placements(ctx.placements),
-                                   run_check=False, shape=shape, stride=stride).full_tensor()
+        total = _unsharded(hits, ctx.mesh, _partial_sum_placements(ctx.placements)).full_tensor()
         share = hits / total.clamp_min(1)
         return (_replicated_locally(grad).to(local.dtype) * share, None, None, None, *([None] * len(shards)))
