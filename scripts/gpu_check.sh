@@ -120,7 +120,9 @@ if [ -n "${GPU_CHECK_REHEARSE:-}" ]; then
 elif ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   DEVICE=none
 fi
-# The sanitizer when there is one; in a rehearsal without it, the script alone.
+# The sanitizer when there is one; in a rehearsal without it, the script alone. No caching
+# allocator under the sanitizer: an out-of-bounds access into memory torch keeps cached
+# would look valid to it.
 sanitizer() {
   local tool="$1"; shift
   if command -v compute-sanitizer >/dev/null; then
@@ -131,6 +133,17 @@ sanitizer() {
   fi
 }
 export -f sanitizer
+
+# `sanitized_step TOOL CAP`: scripts/sanitizer_smoke.py under compute-sanitizer's TOOL as
+# step TOOL; skipped on a GPU without the sanitizer, run bare in a rehearsal without it.
+sanitized_step() {
+  local tool="$1" cap="$2"
+  if [ "$DEVICE" = cuda ] && ! command -v compute-sanitizer >/dev/null; then
+    skip "$tool" "compute-sanitizer not found"
+  else
+    step "$tool" "$cap" bash -c "sanitizer $tool \"\$@\"" _ "$PY" scripts/sanitizer_smoke.py --device "$DEVICE"
+  fi
+}
 
 if [ "$DEVICE" = none ]; then
   note "no CUDA GPU visible to $PYTHON (no torch, or torch.cuda.is_available() is False):"
@@ -156,21 +169,11 @@ EOF
     # shellcheck disable=SC2086  # TESTS is a list of paths
     step tests 300 "$PY" -m pytest $TESTS "${test_args[@]}"
 
-    if [ "$DEVICE" = cuda ] && ! command -v compute-sanitizer >/dev/null; then
-      skip memcheck "compute-sanitizer not found"
-    else
-      # No caching allocator under the sanitizer: an out-of-bounds access into memory torch
-      # keeps cached would look valid to it.
-      step memcheck 150 bash -c 'sanitizer memcheck "$@"' _ "$PY" scripts/sanitizer_smoke.py --device "$DEVICE"
-    fi
+    sanitized_step memcheck 150
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
     step bench 180 "$PY" benchmarks/run.py --device "$DEVICE" --no-plots \
       --markdown "$LOG_DIR/bench.md" $BENCH_ARGS
-    if ! command -v compute-sanitizer >/dev/null; then
-      skip racecheck "compute-sanitizer not found"
-    else
-      step racecheck 120 bash -c 'sanitizer racecheck "$@"' _ "$PY" scripts/sanitizer_smoke.py --device "$DEVICE"
-    fi
+    sanitized_step racecheck 120
   else
     for s in backends tests memcheck bench racecheck; do skip "$s" "build failed"; done
   fi
