@@ -148,10 +148,10 @@ def main(argv: list[str]) -> int:
     torch_found = torch_location(env)
     if torch_found is None:
         log(f"no torch importable by {sys.executable}: installing {FALLBACK_TORCH} into {env}")
-        if not pip_install(env, [FALLBACK_TORCH]) or torch_location(env) is None:
+        torch_found = torch_location(env) if pip_install(env, [FALLBACK_TORCH]) else None
+        if torch_found is None:
             log(f"error: could not install {FALLBACK_TORCH}")
             return 1
-        torch_found = torch_location(env)
     log(f"torch {torch_found}")
 
     wanted = BUILD_TOOLS + [r for path in argv[1:] for r in read_requirements(path)]
