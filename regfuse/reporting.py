@@ -90,7 +90,8 @@ class SparsityReport(NamedTuple):
         return "\n".join(lines)
 
 
-def _named(tensors: NamedTensors) -> list[tuple[str, Tensor]]:
+def named_tensors(tensors: NamedTensors, caller: str = "sparsity_report") -> list[tuple[str, Tensor]]:
+    """The ``(name, tensor)`` pairs of a module, a mapping or an iterable of pairs."""
     if isinstance(tensors, nn.Module):
         return list(tensors.named_parameters())
     if isinstance(tensors, Mapping):
@@ -98,7 +99,7 @@ def _named(tensors: NamedTensors) -> list[tuple[str, Tensor]]:
     named = list(tensors)
     for item in named:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor)):
-            raise TypeError("regfuse: sparsity_report takes a module, a mapping name -> tensor "
+            raise TypeError(f"regfuse: {caller} takes a module, a mapping name -> tensor "
                             "or an iterable of (name, tensor) pairs")
     return named
 
@@ -144,7 +145,7 @@ def sparsity_report(tensors: NamedTensors, *, backend: str = "auto") -> Sparsity
     the counts themselves. A report is for logging every few hundred steps, not a
     per-step cost.
     """
-    named = _named(tensors)
+    named = named_tensors(tensors)
     if not named:
         return SparsityReport([])
     values = [t.detach() for _, t in named]
