@@ -12,9 +12,11 @@ Run as ``PYTHON scripts/setup_venv.py VENV [REQUIREMENTS_FILE ...]`` (``make set
    interpreter is not a venv: its site-packages are the system site packages already.)
 3. Installs ``torch==2.13.0`` (the CPU build) into ``VENV`` only when no torch is
    importable there; failing that is an error, nothing works without torch.
-4. Installs the build tools and the requirements files' packages that ``VENV`` lacks.
-   When that fails (no network), it warns and goes on: the tests that need a missing
-   optional package skip themselves.
+4. Installs the build tools and the requirements files' packages that ``VENV`` lacks,
+   with the torch found in step 3 as a constraint: a package that would need another
+   torch (a multi-GB download) is not installed rather than replacing it. When that fails
+   (no network, or no version compatible with that torch), it warns and goes on: the
+   tests that need a missing optional package skip themselves.
 """
 from __future__ import annotations
 
@@ -118,9 +120,17 @@ def torch_location(env: Path) -> str | None:
     return found.stdout.strip() if found.returncode == 0 else None
 
 
-def pip_install(env: Path, requirements: list[str]) -> bool:
+def pip_install(env: Path, requirements: list[str], constraints: Path | None = None) -> bool:
     log("installing " + " ".join(requirements))
-    return run_in(env, "-m", "pip", "install", "-q", *requirements).returncode == 0
+    pinned = ["-c", str(constraints)] if constraints is not None else []
+    return run_in(env, "-m", "pip", "install", "-q", *pinned, *requirements).returncode == 0
+
+
+def torch_constraint(env: Path, version: str) -> Path:
+    """A pip constraints file in ``env`` holding torch at ``version``, the installed one."""
+    path = env / "torch-constraint.txt"
+    path.write_text(f"torch=={version}\n")
+    return path
 
 
 def missing(env: Path, requirements: list[str]) -> list[str]:
@@ -156,9 +166,10 @@ def main(argv: list[str]) -> int:
 
     wanted = BUILD_TOOLS + [r for path in argv[1:] for r in read_requirements(path)]
     lacking = missing(env, wanted)
-    if lacking and not pip_install(env, lacking):
+    keep_torch = torch_constraint(env, torch_found.split()[0]) if lacking else None
+    if lacking and not pip_install(env, lacking, keep_torch):
         # One at a time, so that one unavailable package costs only itself.
-        failed = [r for r in lacking if not pip_install(env, [r])]
+        failed = [r for r in lacking if not pip_install(env, [r], keep_torch)]
         if failed:
             log("warning: could not install " + " ".join(failed) + "; going on without them "
                 "(tests that need them are skipped; the build needs setuptools>=64 with wheel, "
