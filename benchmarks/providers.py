@@ -13,6 +13,8 @@ For every operation the providers compute the same thing on the same tensors:
   ``_foreach_sign``, ...); for gradient clipping, ``torch.nn.utils.clip_grad_norm_``
   with ``foreach=True`` (``naive`` is the same with ``foreach=False``, its loop);
 * ``compile``: ``torch.compile`` of the naive loop;
+* ``lightning`` (per-layer gradient norms, where Lightning is installed):
+  ``lightning.pytorch.utilities.grad_norm``, whose dict ``regfuse.grad_norms`` returns;
 * ``regfuse_<backend>``: this library on one backend.
 
 A provider is a function of a :class:`State` (the tensors, with ``.grad`` allocated
@@ -21,6 +23,7 @@ that providers can be checked against each other.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -103,6 +106,9 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("clip_grad_norm_unclipped", 1, False, False, False, ("params",),
        "clip_grad_norm_(max_norm=inf): the norm, no gradient changes", grads_are_values=True,
        max_norm=float("inf")),
+    Op("grad_norms", 1, False, False, False, ("params",),
+       "per-layer gradient norms for logging: Lightning's grad_norm dict (p=2)",
+       grads_are_values=True),
 )}
 CLIP_OPS = tuple(name for name, op in OPS.items() if op.max_norm is not None)
 
@@ -204,6 +210,43 @@ def _torch_clip(op: Op, foreach: bool) -> Provider:
     return clip
 
 
+def _named_grads(state: State) -> list[tuple[str, Tensor]]:
+    return [(f"layer{i}", t) for i, t in enumerate(state.tensors)]
+
+
+def _norm_dict(state: State, per_tensor: list[Tensor]) -> dict[str, Tensor]:
+    """Lightning's grad_norm dict from per-tensor norms; the total from them on the host."""
+    out = {f"grad_2.0_norm/{name}": n for (name, _), n in zip(_named_grads(state), per_tensor)}
+    out["grad_2.0_norm_total"] = torch.tensor(list(out.values())).norm(2.0)
+    return out
+
+
+def _loop_grad_norms(state: State) -> dict[str, Tensor]:
+    return _norm_dict(state, [t.grad.norm(2.0) for t in state.tensors])
+
+
+def _foreach_grad_norms(state: State) -> dict[str, Tensor]:
+    per_tensor = torch._foreach_norm([t.grad for t in state.tensors], 2.0)
+    out = {f"grad_2.0_norm/{name}": n for (name, _), n in zip(_named_grads(state), per_tensor)}
+    out["grad_2.0_norm_total"] = torch.stack(per_tensor).cpu().norm(2.0)  # one host copy
+    return out
+
+
+class _NamedParameters:
+    """What Lightning's grad_norm reads of a module: ``named_parameters()``."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def named_parameters(self) -> list[tuple[str, Tensor]]:
+        return _named_grads(self.state)
+
+
+def _lightning_grad_norm(state: State) -> dict[str, Tensor]:
+    from lightning.pytorch.utilities import grad_norm
+    return grad_norm(_NamedParameters(state), 2.0)
+
+
 def _rows(t: Tensor) -> Tensor:
     # The groups along dim 0 as rows; a 1-D tensor has one group per element.
     return t.reshape(len(t), -1)
@@ -238,6 +281,9 @@ _BASELINES: dict[str, dict[str, Provider]] = {
               "foreach": _torch_clip(OPS[name], foreach=True)} for name in CLIP_OPS},
     "group_penalty_fwd_bwd": {"naive": _loop_group_penalty},
     "prox_group_lasso_": {"naive": _loop_prox_group},
+    "grad_norms": {"naive": _loop_grad_norms, "foreach": _foreach_grad_norms,
+                   **({"lightning": _lightning_grad_norm}
+                      if importlib.util.find_spec("lightning") is not None else {})},
 }
 _COMPILED_BASELINE = {"add_penalty_grad_": "naive_inplace"}  # default: "naive"
 
@@ -261,6 +307,8 @@ def _regfuse(op: Op, backend: str) -> Provider:
         return lambda s: regfuse.group_penalty(s.tensors, GROUP, backend=backend)
     if name == "prox_group_lasso_":
         return lambda s: regfuse.prox_group_lasso_(s.tensors, GROUP_THRESHOLD, backend=backend)
+    if name == "grad_norms":
+        return lambda s: regfuse.grad_norms(_NamedParameters(s).named_parameters(), 2.0, backend=backend)
     raise ValueError(f"no regfuse provider for {name}")
 
 
@@ -312,6 +360,8 @@ def observe(op: Op, state: State, result: object) -> list[Tensor]:
         out = state.tensors
     elif op.name == "activity_fwd_bwd":
         out = list(result)
+    elif isinstance(result, dict):  # grad_norms: the per-tensor norms, then the total
+        out = [torch.stack([v.float().cpu() for v in result.values()])]
     elif isinstance(result, (list, tuple)):  # torch._foreach_norm
         out = [torch.stack([r.float() for r in result])]
     else:

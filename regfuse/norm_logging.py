@@ -33,23 +33,24 @@ def _norm_order(norm_type: "float | int | str") -> float:
     return order
 
 
-def _per_tensor_norms(values: list[Tensor], order: float, backend: str) -> list[Tensor]:
-    """0-d norms, each in its tensor's dtype on its tensor's device, as ``t.norm(order)``
-    gives them: one fused launch per device (one in the usual case), then one cast per
-    dtype other than the accumulation dtype. DTensors give their global norms."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(values):
-        by_device.setdefault(t.device, []).append(i)
-    out: list[Tensor] = [None] * len(values)  # type: ignore[list-item]
-    for indices in by_device.values():
-        vector = replicated_value(norms([values[i] for i in indices], p=order, backend=backend))
-        cast = {vector.dtype: vector}
-        for k, i in enumerate(indices):
-            dtype = values[i].dtype
-            if dtype not in cast:
-                cast[dtype] = vector.to(dtype)
-            out[i] = cast[dtype][k]
-    return out
+def _device_norms(values: list[Tensor], order: float, promoted: torch.dtype,
+                  backend: str) -> tuple[list[Tensor], Tensor]:
+    """The norms of tensors on one device, as ``t.norm(order)`` gives them (0-d, each in
+    its tensor's dtype), and the same values as one vector of the ``promoted`` dtype (for
+    the total). One fused launch, then one cast per dtype other than the accumulation
+    dtype; ``unbind`` makes the 0-d views without a launch per tensor. DTensors give
+    their global norms."""
+    vector = replicated_value(norms(values, p=order, backend=backend))
+    dtypes = [t.dtype for t in values]
+    rounded = vector.to(promoted)
+    views: dict[torch.dtype, tuple[Tensor, ...]] = {}
+    for dtype in dict.fromkeys(dtypes):
+        cast = vector.to(dtype)
+        views[dtype] = cast.unbind()
+        if dtype != promoted:  # rounded to its own dtype first, as Lightning's total sees it
+            mask = torch.tensor([d == dtype for d in dtypes], device=vector.device)
+            rounded = torch.where(mask, cast.to(promoted), rounded)
+    return [views[d][k] for k, d in enumerate(dtypes)], rounded
 
 
 def _norm_dict(prefix: str, named: list[tuple[str, Tensor]], norm_type: "float | int | str",
@@ -57,18 +58,26 @@ def _norm_dict(prefix: str, named: list[tuple[str, Tensor]], norm_type: "float |
     order = _norm_order(norm_type)
     if not named:
         return {}
+    # Not detached: no_grad keeps the graph out, and the same tensors as the last call let
+    # the fused reduction reuse the device tables it built for this list.
+    tensors = [t for _, t in named]
+    # Lightning's total is the norm of the per-tensor norms as rounded to their dtypes, a
+    # CPU tensor of their promoted dtype: the same here, with one host copy per device.
+    promoted = functools.reduce(torch.promote_types, {t.dtype for t in tensors})
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    values: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    on_host = []
     with torch.no_grad():
-        values = _per_tensor_norms([t.detach() for _, t in named], order, backend)
-        result = {f"{prefix}_{order}_norm{group_separator}{name}": v
-                  for (name, _), v in zip(named, values)}
-        # Lightning's total: the norm of the per-tensor norms (as rounded to their dtypes),
-        # as a CPU tensor of their promoted dtype. One copy to the host per device.
-        dtype = functools.reduce(torch.promote_types, (v.dtype for v in values))
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for v in values:
-            by_device.setdefault(v.device, []).append(v)
-        host = torch.cat([torch.stack(vs).to(dtype).cpu() for vs in by_device.values()])
-        result[f"{prefix}_{order}_norm_total"] = host.norm(order)
+        for indices in by_device.values():
+            norms_here, rounded = _device_norms([tensors[i] for i in indices], order, promoted, backend)
+            for i, v in zip(indices, norms_here):
+                values[i] = v
+            on_host.append(rounded.cpu())
+        total = (on_host[0] if len(on_host) == 1 else torch.cat(on_host)).norm(order)
+    result = {f"{prefix}_{order}_norm{group_separator}{name}": v for (name, _), v in zip(named, values)}
+    result[f"{prefix}_{order}_norm_total"] = total
     return result
 
 
