@@ -134,6 +134,30 @@ def test_same_trained_weights_and_exact_zeros(runs):
     assert sum(int((p == 0).sum()) for p in fused.weights()) > 0  # the proximal step acted
 
 
+class ConfiguredClipping(Regression):
+    """The docs' recipe: the module's clipping hook calls regfuse, Lightning's setting kept."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            self.log("grad_norm", regfuse.clip_grad_norm_(params, gradient_clip_val))
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def test_configure_gradient_clipping_recipe(runs, monkeypatch):
+    stock = runs[0]
+    calls = []
+    clip = regfuse.clip_grad_norm_
+    monkeypatch.setattr(regfuse, "clip_grad_norm_", lambda *a, **k: calls.append(1) or clip(*a, **k))
+    module = ConfiguredClipping(by_hand=True)
+    logger = fit(module, gradient_clip_val=MAX_NORM)
+    assert len(calls) == STEPS
+    assert logger.values("grad_norm") == pytest.approx(stock.norms, rel=1e-5)
+    for p, q in zip(module.parameters(), stock.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_clipping_twice_is_refused():
     with pytest.raises(ValueError, match="leave Trainer\\(gradient_clip_val=...\\) unset"):
         fit(Regression(by_hand=False), gradient_clip_val=1.0, callbacks=[RegfuseCallback(max_norm=1.0)])
