@@ -646,6 +646,20 @@ def norms_report_and_prox_of_model(env: Env) -> None:
 
 
 @check("ddp-copy", "fsdp2")
+def grad_norms_of_model(env: Env) -> None:
+    _, expected = oracle_grads()
+    model = wrap(env, MLP())
+    local_loss(env, model).backward()
+    got = regfuse.grad_norms(inner(model))
+    want = {f"grad_2.0_norm/{name}": torch.linalg.vector_norm(g) for name, g in expected.items()}
+    want["grad_2.0_norm_total"] = torch.stack(list(want.values())).norm()
+    assert list(got) == list(want), (list(got), list(want))
+    for key, value in got.items():
+        assert not isinstance(value, DTensor), f"{key} is a DTensor"
+        close(value, want[key], f"grad_norms {key}")
+
+
+@check("ddp-copy", "fsdp2")
 def example_ddp_fsdp(env: Env) -> None:
     path = Path(__file__).resolve().parent.parent / "examples" / "ddp_fsdp.py"
     spec = importlib.util.spec_from_file_location("ddp_fsdp_example", path)

@@ -40,6 +40,14 @@ from . import require
 from .accelerate import use_regfuse_clipping
 
 _transformers = require("transformers", "transformers", "transformers")
+# What the mixin relies on: the accelerator created in create_accelerator_and_postprocess
+# (4.28 on) and compute_loss(..., num_items_in_batch) with its gradient-accumulation
+# normalization (4.46 on).
+MIN_VERSION = (4, 46)
+_found = tuple(int(x) for x in _transformers.__version__.split(".")[:2] if x.isdigit())
+if _found < MIN_VERSION:
+    raise ImportError(f"regfuse.integrations.transformers needs transformers >= 4.46, found "
+                      f"{_transformers.__version__} (pip install -U transformers)")
 
 __all__ = ["RegfuseTrainerMixin", "RegfuseTrainer"]
 
