@@ -57,25 +57,29 @@ class HandPenalizedTrainer(transformers.Trainer):
         loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         penalty = naive_penalty(self.params)
         self.penalties.append(float(penalty.detach()))
-        # GPT-2 normalizes its loss over the accumulated batch (num_items_in_batch): the
-        # Trainer does not divide it by the accumulation steps, so the penalty is divided here.
-        assert self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        return loss + penalty / self.current_gradient_accumulation_steps
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # GPT-2 normalized its loss over the accumulated batch: the Trainer does not
+            # divide it by the accumulation steps, so the penalty is divided here.
+            return loss + penalty / self.current_gradient_accumulation_steps
+        return loss + penalty  # a per-batch mean: the Trainer divides the whole loss
 
 
-def train_logs(trainer) -> list[dict]:
+def train_logs(trainer, normalized_loss: bool) -> list[dict]:
+    # Without loss kwargs the model returns a per-batch mean that the Trainer divides by
+    # the accumulation steps; with them (GPT-2's default) a loss over the accumulated batch.
+    trainer.model_accepts_loss_kwargs = normalized_loss
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["normalized-loss", "mean-loss"])
+def runs(request, tmp_path_factory):
     """The stock and the regfuse Trainer, trained once for every test of this file."""
     stock_model, fused_model = tiny_gpt2(), tiny_gpt2()
     stock = HandPenalizedTrainer(
         model=stock_model, args=arguments(tmp_path_factory.mktemp("stock")),
         train_dataset=token_dataset(), params=regfuse.WeightRegularizer(stock_model).params)
-    stock_logs = train_logs(stock)
+    stock_logs = train_logs(stock, request.param)
 
     calls = []
     clip = regfuse.clip_grad_norm_
@@ -84,7 +88,7 @@ def runs(tmp_path_factory):
         fused = RegfuseTrainer(model=fused_model, args=arguments(tmp_path_factory.mktemp("fused")),
                                train_dataset=token_dataset(),
                                regularizer=regfuse.WeightRegularizer(fused_model, l1=L1, l2=L2))
-        fused_logs = train_logs(fused)
+        fused_logs = train_logs(fused, request.param)
     finally:
         regfuse.clip_grad_norm_ = clip
     return {"stock": stock, "stock_logs": stock_logs, "fused": fused, "fused_logs": fused_logs,
