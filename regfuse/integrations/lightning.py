@@ -105,3 +105,6 @@ class RegfuseCallback(_pl.Callback):
         for step in self._proximal:
             step.remove()
         self._proximal = []
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.on_fit_end(trainer, pl_module)  # an interrupted fit leaves no hook behind

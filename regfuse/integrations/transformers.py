@@ -15,8 +15,8 @@ Trainer (``Seq2SeqTrainer``, TRL's trainers).
 **Clipping.** The Trainer clips in a private method (``_clip_grad_norm`` in
 transformers 5; inline in ``_inner_training_loop`` in 4.x), which calls
 ``self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)`` in every
-version; the logged ``grad_norm`` is its result. The mixin makes that method of the
-Trainer's accelerator the fused one (:func:`regfuse.integrations.accelerate.
+version (but for 4.x's apex AMP path); the logged ``grad_norm`` is its result. The
+mixin makes that method of the Trainer's accelerator the fused one (:func:`regfuse.integrations.accelerate.
 use_regfuse_clipping`, which keeps the unscaling and DeepSpeed/XLA/FSDP1 hand-offs of
 Accelerate) each time the Trainer creates its accelerator
 (``create_accelerator_and_postprocess``, in ``__init__`` and again for a
@@ -40,9 +40,9 @@ from . import require
 from .accelerate import use_regfuse_clipping
 
 _transformers = require("transformers", "transformers", "transformers")
-# What the mixin relies on: the accelerator created in create_accelerator_and_postprocess
-# (4.28 on) and compute_loss(..., num_items_in_batch) with its gradient-accumulation
-# normalization (4.46 on).
+# What the mixin relies on, all there from 4.46 on: the accelerator created in
+# create_accelerator_and_postprocess, and compute_loss(..., num_items_in_batch) with the
+# gradient-accumulation normalization that training_step applies after it.
 MIN_VERSION = (4, 46)
 _found = tuple(int(x) for x in _transformers.__version__.split(".")[:2] if x.isdigit())
 if _found < MIN_VERSION:
