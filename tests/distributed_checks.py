@@ -664,18 +664,19 @@ def example_ddp_fsdp(env: Env) -> None:
 
 # ---- the worker -----------------------------------------------------------------------------
 
-def run(rank: int, world_size: int, port: int, out: str) -> None:
+def run(rank: int, world_size: int, port: int, out: str, checks: dict = CHECKS,
+        make_env: Callable = lambda config, rank, world_size: Env(
+            config, rank, init_device_mesh("cpu", (world_size,)))) -> None:
     """Runs every check, writing the outcomes so far to ``out`` after each one."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=30))
     results: dict = {}
     try:
-        mesh = init_device_mesh("cpu", (world_size,))
-        for name, fn in CHECKS.items():
+        for name, fn in checks.items():
             MISMATCHES.clear()
             try:
-                fn(Env(name.split("/")[0], rank, mesh))
+                fn(make_env(name.split("/")[0], rank, world_size))
                 results[name] = "\n".join(MISMATCHES) or None
             except Exception:  # reported to the test, which fails with it
                 results[name] = "\n".join([*MISMATCHES, traceback.format_exc()])
