@@ -648,6 +648,41 @@ def norms_report_and_prox_of_model(env: Env) -> None:
         assert math.isclose(r.l1, e.l1, rel_tol=1e-5) and math.isclose(r.l2, e.l2, rel_tol=1e-5), (r, e)
 
 
+WRAPPINGS = ("blocks and root", "root only", "blocks only, root parameters")
+
+
+def wrapped(env: Env, how: str) -> nn.Module:
+    """FSDP2 three ways: every Linear and the root; the root alone (its parameters stay
+    unsharded plain tensors after the forward); the first two Linears with the last one
+    left to the root (torchtitan's layout: DTensors and plain parameters mixed)."""
+    model = MLP()
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    blocks = {"blocks and root": linears, "root only": [],
+              "blocks only, root parameters": linears[:2]}[how]
+    for layer in blocks:
+        fully_shard(layer, mesh=env.mesh)
+    return fully_shard(model, mesh=env.mesh)
+
+
+@check("ddp-copy", "fsdp2")
+def loss_terms_join_a_plain_loss(env: Env) -> None:
+    # loss + penalty(model.parameters()) + group_penalty + WeightRegularizer.penalty(), no
+    # .full_tensor(): the oracle's gradients under DDP and FSDP2's three wrappings.
+    def terms(model):
+        return (regfuse.penalty(model.parameters(), L1, L2)
+                + regfuse.group_penalty([p for p in model.parameters() if p.dim() == 2], 0.05, l1=L1)
+                + regfuse.WeightRegularizer(model, l2=L2).penalty())
+    expected = oracle_grads(lambda m, x: terms(m))[1]
+    for how in (WRAPPINGS if env.config == "fsdp2" else ("ddp",)):
+        model = wrap(env, MLP()) if how == "ddp" else wrapped(env, how)
+        x, y = data()
+        loss = nn.functional.mse_loss(model(env.batch(x)), env.batch(y))
+        term = terms(inner(model))
+        assert type(term) is torch.Tensor, (how, type(term))
+        (loss + term).backward()
+        compare_grads(model, expected, f"{how}: loss + the loss terms")
+
+
 @check("ddp-copy", "fsdp2")
 def example_ddp_fsdp(env: Env) -> None:
     path = Path(__file__).resolve().parent.parent / "examples" / "ddp_fsdp.py"
