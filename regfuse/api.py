@@ -316,9 +316,9 @@ def penalty(tensors: TensorList, l1: float = 0.0, l2: float = 0.0, *,
     all 1); it is a constant, not differentiated. The values of a coefficients tensor on
     a GPU are not checked (that would synchronize with the GPU); everything else is.
     Returns a 0-d float32 tensor (float64 where any input is float64), differentiable
-    twice; 0 for an empty list. For DTensors (FSDP2), a ``Partial("sum")`` DTensor of the
-    local shards' penalties (replicated where the inputs are); ``.full_tensor()`` is the
-    global penalty.
+    twice; 0 for an empty list. For DTensors (FSDP2, tensor parallelism, several meshes,
+    plain tensors mixed in), a plain tensor holding the global penalty (one all-reduce of
+    a scalar per mesh; a loss term joins a plain loss; see :mod:`regfuse.distributed`).
     """
     tensors = as_list(tensors)
     l1 = check_nonnegative("l1", l1)

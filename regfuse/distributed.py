@@ -1,36 +1,47 @@
-"""DTensor lists (FSDP2, tensor parallelism) at the API boundary.
+"""DTensor lists (FSDP2, tensor, expert and pipeline parallelism) at the API boundary.
 
-Every public function of :mod:`regfuse.api` carries one :func:`dtensor_aware` line. For a
-list of plain tensors it costs one ``isinstance`` check and calls the function unchanged.
-For a list of DTensors (all on one device mesh) it runs the unchanged function once on the
-local shards, so each rank makes one fused launch over its shards, and returns what
-torch's own DTensor rules (``torch/distributed/tensor/_ops/_math_ops.py``) give for the
-same maths:
+Every public function of :mod:`regfuse.api` carries one :func:`dtensor_aware` line. While
+``torch.distributed.tensor`` was never imported it costs one check; for a plain list, one
+``isinstance`` of the first element (the function's own native checks refuse a DTensor
+further on, and only then is the list looked at element by element). A list holding
+DTensors, on any number of device meshes and with plain tensors mixed in (a plain tensor
+is taken as replicated on every rank), runs the unchanged function once on all the local
+shards, so each rank makes one fused launch, and returns:
 
-* **Reductions** (``norms``, ``penalty``, ...) return a DTensor. On a mesh dimension where
-  an input is sharded the local results are partial: ``Partial("sum")`` for sums (the L1
-  norm, the squared L2 norm, penalties), torch's norm-partial ``_NormPartial(p)`` for a
-  p-norm (``p`` not 0 or 1; reduced as ``(sum x**p)**(1/p)``), ``Partial("max")`` for the
-  max norm. On a dimension where it is replicated the result is replicated, so a
-  replicated tensor is never counted twice. ``.full_tensor()`` is the single-process value,
-  at the cost of one small all-reduce, paid only when asked for. A ``Partial`` *input* is
-  first redistributed to ``Replicate`` (a norm of pending sums is not the sum of norms),
-  as torch does for a non-linear reduction.
-* **Gradients** reach the inputs with the inputs' placements: the local shards come from
-  ``DTensor.to_local`` and the results go through ``DTensor.from_local``, both
-  differentiable, so the fused kernel's backward runs on the local shards. The local
-  backward of a norm only knows the local norm, so for a norm-partial or max-partial
-  result the gradient of each local result is rescaled in the backward by what the global
-  value says (``(n_local / n_global)**(p - 1)``; for the max, the share of the elements
-  attaining the global maximum that lives on this rank), which costs one all-reduce of the
-  result vector in the backward, as torch's own ``vector_norm`` backward does.
-* **In-place ops** (``prox_l1_``, ``add_penalty_grad_``) update every local shard (a
-  replicated one identically on every rank); no communication.
+* **A list on one mesh with one result placement**: what torch's own DTensor rules
+  (``torch/distributed/tensor/_ops/_math_ops.py``) give for the same maths, with no
+  communication. On a mesh dimension where an input is sharded (``Shard``,
+  ``_StridedShard``, anything that says it shards) the local results are partial:
+  ``Partial("sum")`` for sums (the L1 norm, the squared L2 norm, ``p=0``), torch's
+  norm-partial ``_NormPartial(p)`` for a p-norm, ``Partial("max")`` (``"min"``) for
+  ``±inf``. On a dimension where it is replicated the result is replicated. A ``Partial``
+  *input* is first redistributed to ``Replicate``, as torch does for a non-linear
+  reduction. A placement that is none of these raises ``NotImplementedError``.
+* **Mixed placements on one mesh (tensor parallelism)**: a replicated DTensor; **several
+  meshes, or plain tensors mixed in (expert parallelism, layers without a TP plan)**: a
+  plain tensor holding the global value. Either way the per-tensor partial values of
+  the one launch are folded into one vector per process group (``p``-th powers for a
+  p-norm; a replicated shard counted on coordinate 0 of its replicated mesh dimensions
+  only, with its gradient on every rank) and all-reduced once: one all-reduce per mesh,
+  meshes spanning the same ranks sharing one.
+* **Loss terms** (``penalty``, ``group_penalty``): always a plain tensor holding the
+  global value, so that ``loss + penalty(model.parameters())`` joins a plain loss. The
+  all-reduce's backward passes the gradient through: every rank adds the same term, so
+  its share of the value has the same upstream gradient; no collective in the backward.
+* **Per-slice results** (``group_norms``): one result per tensor, sharded like its
+  slices, partial where the slices are split over the ranks (partial sums, reduced when
+  asked for, never a gather of the tensor).
+* **In-place ops** (``prox_l1_``, ``add_penalty_grad_``): every local shard and plain
+  tensor updated; no communication.
 
-Inputs whose placements differ (tensor parallelism mixes ``Shard`` and ``Replicate``) are
-reduced in one launch per placement group; the groups' results are then made replicated
-(one all-reduce each) and combined, since one DTensor cannot carry two placements, which
-is also what torch's rules do when such results are stacked or added.
+Gradients reach the inputs with the inputs' placements (``to_local`` / ``from_local``
+are differentiable). The local backward of a norm only knows the local norm; for a
+norm-partial or max-partial DTensor result the gradient is rescaled in the backward by
+what the global value says (one all-reduce of the result vector, as torch's own
+``vector_norm`` backward); through the folded all-reduce of the other cases the chain
+rule does it with no collective (a max norm's needs one, to share the gradient among the
+ranks attaining it). ``pp_mesh`` (``stages=``): the global value is then reduced across
+the pipeline stages (:func:`across_stages`).
 
 A tensor subclass that is not a DTensor and whose data the kernels cannot read (any
 subclass with ``__torch_dispatch__``, nested tensors) is refused with a ``TypeError``
@@ -38,14 +49,12 @@ naming its type (:func:`regfuse.validation.inspect_py`), before anything runs.
 
 A new public function gets all of this with one line, e.g.::
 
-    @dtensor_aware(reduce=lambda args: norm_combination(args["p"]))
-    def total_norm(tensors, p=2.0, *, backend="auto"): ...
+    @dtensor_aware(reduce=lambda args: norm_combination(args["p"]), per_tensor=True)
+    def norms(tensors, p=2.0, *, backend="auto"): ...
 
 ``torch.compile``: the custom ops only ever see the local shards, so they need no DTensor
 sharding rule (``register_sharding``); dynamo traces ``to_local``, ``from_local`` and the
-autograd functions below itself (``penalty`` and ``norms`` of a DTensor list compile with
-``fullgraph=True``, same values and placements as in eager mode; checked by hand with 2
-gloo ranks, not in the test suite, whose time budget a compile would exceed).
+autograd functions below itself.
 """
 from __future__ import annotations
 

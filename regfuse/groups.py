@@ -17,12 +17,13 @@ per row (each group's shrink factor) is block soft-thresholding.
 Groups along another ``dim`` go through a contiguous ``movedim(dim, 0)`` copy (written
 back by the in-place op): one extra pass over those tensors.
 
-DTensors (FSDP2): every function runs on the local shards (:mod:`regfuse.distributed`).
-FSDP2 shards dim 0, so each rank holds whole groups along dim 0: the norms are then
-sharded like the groups (``Shard(0)``), the penalty a ``Partial("sum")``, and the
-proximal step updates the local groups with no communication. Groups split over the
-ranks (a ``dim`` along which a tensor is not sharded) are gathered first by the
-reductions and refused by the in-place ops.
+DTensors (FSDP2, tensor parallelism): every function runs on the local shards
+(:mod:`regfuse.distributed`). FSDP2 shards dim 0, so each rank holds whole groups along
+dim 0: the norms are then sharded like the groups, the penalty is the global value (a
+plain tensor), and the proximal step updates the local groups with no communication.
+Groups split over the ranks (a ``dim`` along which a tensor is not sharded) give partial
+norms (reduced when asked for) and, in the penalty, one all-reduce of one partial sum
+per group, never a gather of the tensors; the in-place ops refuse them.
 """
 from __future__ import annotations
 
