@@ -40,10 +40,11 @@ L1, L2 = 0.01, 0.1
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 
-def check(*configs: str):
+def check(*configs: str, registry: dict = CHECKS):
+    """Registers a check under ``config/name`` for each of ``configs``."""
     def register(fn):
         for config in configs:
-            CHECKS[f"{config}/{fn.__name__}"] = fn
+            registry[f"{config}/{fn.__name__}"] = fn
         return fn
     return register
 

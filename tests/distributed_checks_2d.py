@@ -38,11 +38,7 @@ BATCH = 8
 
 
 def check(*configs: str):
-    def register(fn):
-        for config in configs:
-            CHECKS[f"{config}/{fn.__name__}"] = fn
-        return fn
-    return register
+    return base.check(*configs, registry=CHECKS)
 
 
 class Env:
@@ -59,6 +55,14 @@ def close(actual, expected, what: str) -> None:
         torch.testing.assert_close(actual.double(), expected.double(), **TOL)
     except AssertionError as exc:
         base.MISMATCHES.append(f"rank {dist.get_rank()}: {what}: {exc}")
+
+
+def close_each(actual: list, expected: list, what: str, attribute: str = "value") -> None:
+    """``close`` for every pair of tensors (``attribute="grad"``: of their gradients)."""
+    for i, (a, b) in enumerate(zip(actual, expected)):
+        if attribute == "grad":
+            a, b = a.grad, b.grad
+        close(a, b, f"{what}, tensor {i}")
 
 
 def all_reduces(fn) -> tuple[object, dict]:
@@ -319,8 +323,7 @@ def in_place_ops_and_clipping(env: Env) -> None:
     mine = spread(env, spread_data())
     regfuse.prox_l1_(mine, 0.5)
     regfuse.prox_l1_(plain, 0.5)
-    for i, (a, b) in enumerate(zip(mine, plain)):
-        close(a, b, f"prox_l1_ of tensor {i}")
+    close_each(mine, plain, "prox_l1_ of tensor", "value")
     rows = (1, 2, 4, 5)  # whole rows on every rank (no mesh dimension shards dim 1)
     whole = [t for i, t in enumerate(spread(env, spread_data())) if i in rows]
     reference = [v.double() for i, v in enumerate(spread_data()) if i in rows]
@@ -336,18 +339,15 @@ def in_place_ops_and_clipping(env: Env) -> None:
             distribute_tensor(b.grad.float(), a.device_mesh, a.placements)
     regfuse.add_penalty_grad_(params, L1, L2)
     regfuse.add_penalty_grad_(ref, L1, L2)
-    for i, (a, b) in enumerate(zip(params, ref)):
-        close(a.grad, b.grad, f"add_penalty_grad_ of tensor {i}")
+    close_each(params, ref, "add_penalty_grad_ of tensor", "grad")
     expected = torch.nn.utils.clip_grad_norm_(ref, 1.5)
     total = regfuse.clip_grad_norm_(params, 1.5)
     assert type(total) is torch.Tensor
     close(total, expected, "clip_grad_norm_: the norm")
-    for i, (a, b) in enumerate(zip(params, ref)):
-        close(a.grad, b.grad, f"clip_grad_norm_: gradient {i}")
+    close_each(params, ref, "clip_grad_norm_: gradient", "grad")
     regfuse.clip_grads_with_norm_(params, 0.5, regfuse.total_norm([p.grad for p in params]))
     torch.nn.utils.clip_grads_with_norm_(ref, 0.5, torch.nn.utils.get_total_norm([p.grad for p in ref]))
-    for i, (a, b) in enumerate(zip(params, ref)):
-        close(a.grad, b.grad, f"clip_grads_with_norm_: gradient {i}")
+    close_each(params, ref, "clip_grads_with_norm_: gradient", "grad")
 
 
 @check("spread")
@@ -365,12 +365,10 @@ def weight_regularizer_on_a_spread_list(env: Env) -> None:
     handle.remove()
     ref_reg.attach()
     regfuse.penalty(ref, l2=0.5).backward()
-    for i, (a, b) in enumerate(zip(params, ref)):
-        close(a.grad, b.grad, f"attach(): gradient {i}")
+    close_each(params, ref, "attach(): gradient", "grad")
     reg.add_grad_()
     ref_reg.add_grad_()
-    for i, (a, b) in enumerate(zip(params, ref)):
-        close(a.grad, b.grad, f"add_grad_(): gradient {i}")
+    close_each(params, ref, "add_grad_(): gradient", "grad")
 
 
 # ---- pipeline stages x data parallelism -------------------------------------------------------
