@@ -409,7 +409,7 @@ def count_once(values: Tensor, counted: Sequence[bool]) -> Tensor:
     return torch.where(keep, values, values - values.detach())
 
 
-def _identity(combination, dtype) -> float:
+def _identity(combination) -> float:
     return {MAX: -math.inf, MIN: math.inf}.get(combination, 0.0)
 
 
@@ -433,7 +433,7 @@ def _global_reduction(make: Entries, bound, tensors: list, dtensors: list, meshe
     else:
         wide = count_once(wide, once_list)
     result = wide
-    identity = _identity(combination, wide.dtype)
+    identity = _identity(combination)
     by_group: dict = {}
     for mesh in meshes:
         members = [d is not None and d.device_mesh == mesh for d in dtensors]
