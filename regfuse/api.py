@@ -16,7 +16,8 @@ from torch import Tensor
 from . import backends, ops
 from .backends.base import Reduction
 from .device_cache import DeviceCache, upload
-from .distributed import SUM, dtensor_aware, norm_combination, replicated_value
+from .distributed import (SUM, across_stages, dtensor_aware, global_value, norm_combination,
+                          penalty_entries, total)
 from .validation import (_C, ListInfo, as_list, bump_versions, check_distinct, check_max_norm,
                          check_nonnegative, check_readable, inspect)
 
@@ -24,7 +25,7 @@ TensorList = Union[Iterable[Tensor], Sequence[Tensor]]
 Coefficients = Optional[Union[Sequence[float], Tensor]]
 
 __all__ = ["norms", "total_norm", "penalty", "add_penalty_grad_", "prox_l1_", "clip_grad_norm_",
-           "available_backends"]
+           "clip_grads_with_norm_", "available_backends"]
 
 available_backends = backends.available_backends
 
@@ -217,10 +218,22 @@ def _combined_norm(tensors: list[Tensor], order: float, backend: str, info: List
     counts are summed). No host synchronization; differentiable like :func:`norms`.
     """
     op, order = _norm_reduction(order)
-    per_tensor = _per_tensor_norms(tensors, op, order, backend, info)
+    return _norm_of_norms(_per_tensor_norms(tensors, op, order, backend, info), order)
+
+
+def _norm_of_norms(per_tensor: Tensor, order: float) -> Tensor:
     wide = per_tensor.to(torch.float64)
-    total = wide.sum() if op == Reduction.L0 else torch.linalg.vector_norm(wide, order)
-    return total.to(info.acc_dtype)
+    total = wide.sum() if order == 0 else torch.linalg.vector_norm(wide, order)
+    return total.to(per_tensor.dtype)
+
+
+def _tensor_norms(local: list[Tensor], arguments: dict, dtensors: list) -> Tensor:
+    """The per-tensor norms whose norm is the total norm (of local shards, for DTensors)."""
+    return norms.__wrapped__(local, arguments["p"], backend=arguments["backend"])
+
+
+def _total_of_norms(per_tensor: Tensor, arguments: dict) -> Tensor:
+    return _norm_of_norms(per_tensor, _norm_order(arguments["p"]))
 
 
 def _check_total_finite(total: Tensor, order: float) -> None:
@@ -236,10 +249,11 @@ def _check_total_finite_of(total: Tensor, arguments: dict) -> None:
     _check_total_finite(total, _norm_order(arguments["p"]))
 
 
-@dtensor_aware(reduce=lambda args: norm_combination(args["p"]),
+@dtensor_aware(reduce=lambda args: norm_combination(args["p"]), entries=_tensor_norms,
+               finish=_total_of_norms, stages="pp_mesh",
                global_checks={"error_if_nonfinite": _check_total_finite_of})
 def total_norm(tensors: "TensorList | Tensor", p: float = 2, *, error_if_nonfinite: bool = False,
-               backend: str = "auto") -> Tensor:
+               pp_mesh=None, backend: str = "auto") -> Tensor:
     """The ``p``-norm of all the tensors together, as ``torch.nn.utils.get_total_norm``.
 
     Args:
@@ -249,6 +263,11 @@ def total_norm(tensors: "TensorList | Tensor", p: float = 2, *, error_if_nonfini
             ``float('-inf')`` (anything ``float()`` accepts, ``'inf'`` included).
         error_if_nonfinite: raise torch's ``RuntimeError`` when the result is NaN or
             infinite (this check waits for the device, as torch's does).
+        pp_mesh: pipeline parallelism: a 1-D ``DeviceMesh`` or a ``ProcessGroup`` whose
+            ranks hold disjoint parameters (the stages); the norm is reduced across it
+            (the sum of ``p``-th powers, the max for ``inf``, the min for ``-inf``, the
+            sum of counts for 0; one all-reduce) and returned as a plain tensor. Every
+            rank of it must call, an empty list included.
         backend: as in :func:`norms`.
 
     Returns:
@@ -266,7 +285,10 @@ def total_norm(tensors: "TensorList | Tensor", p: float = 2, *, error_if_nonfini
         gives it: ``_NormPartial(p)`` (``Partial("sum")`` for ``p`` 0 and 1,
         ``Partial("max")``/``("min")`` for ``±inf``) where the inputs are sharded;
         ``.full_tensor()`` is the global norm, and ``error_if_nonfinite`` checks that
-        global value on every rank. Under DDP the gradients are plain tensors, identical
+        global value on every rank. A list whose DTensors mix placements (tensor
+        parallelism) gives a replicated DTensor; one over several meshes, or with plain
+        tensors (replicated on every rank) mixed in, a plain tensor holding the global
+        norm; either costs one all-reduce per mesh. Under DDP the gradients are plain tensors, identical
         on every rank: their total norm is already the global one (no all-reduce, which
         would count it ``world_size`` times).
     """
@@ -274,15 +296,17 @@ def total_norm(tensors: "TensorList | Tensor", p: float = 2, *, error_if_nonfini
     order = _norm_order(p)
     backends.check_backend_name(backend)
     if not tensors:
-        return torch.zeros((), dtype=torch.float32)
-    info = inspect(tensors)
-    total = _combined_norm(tensors, order, backend, info)
+        total = torch.zeros((), dtype=torch.float32)
+    else:
+        total = _combined_norm(tensors, order, backend, inspect(tensors))
+    if pp_mesh is not None:  # a stage without tensors still takes part
+        total = across_stages(total, norm_combination(order), pp_mesh)
     if error_if_nonfinite:
         _check_total_finite(total, order)
     return total
 
 
-@dtensor_aware(reduce=SUM)
+@dtensor_aware(reduce=SUM, entries=penalty_entries, finish=total, loss_term=True)
 def penalty(tensors: TensorList, l1: float = 0.0, l2: float = 0.0, *,
             coefficients: Coefficients = None, backend: str = "auto") -> Tensor:
     """``sum_i c_i * (l1 * ||t_i||_1 + l2 * ||t_i||_2**2)`` reading every element once.
@@ -292,9 +316,9 @@ def penalty(tensors: TensorList, l1: float = 0.0, l2: float = 0.0, *,
     all 1); it is a constant, not differentiated. The values of a coefficients tensor on
     a GPU are not checked (that would synchronize with the GPU); everything else is.
     Returns a 0-d float32 tensor (float64 where any input is float64), differentiable
-    twice; 0 for an empty list. For DTensors (FSDP2), a ``Partial("sum")`` DTensor of the
-    local shards' penalties (replicated where the inputs are); ``.full_tensor()`` is the
-    global penalty.
+    twice; 0 for an empty list. For DTensors (FSDP2, tensor parallelism, several meshes,
+    plain tensors mixed in), a plain tensor holding the global penalty (one all-reduce of
+    a scalar per mesh; a loss term joins a plain loss; see :mod:`regfuse.distributed`).
     """
     tensors = as_list(tensors)
     l1 = check_nonnegative("l1", l1)
@@ -415,24 +439,37 @@ def _gradients(parameters: list) -> list[Tensor]:
                         "not a torch.Tensor") from None
 
 
+def _parameter_list(parameters: "TensorList | Tensor") -> list:
+    """torch's handling of ``parameters``: one tensor or an iterable (an empty generator warns)."""
+    if isinstance(parameters, Tensor):
+        return [parameters]
+    is_generator = isinstance(parameters, types.GeneratorType)
+    parameters = as_list(parameters)
+    if is_generator and not parameters:
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
+                      stacklevel=3)
+    return parameters
+
+
 def clip_grad_norm_(parameters: "TensorList | Tensor", max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: Optional[bool] = None, *,
-                    backend: str = "auto") -> Tensor:
+                    pp_mesh=None, backend: str = "auto") -> Tensor:
     """Clip the gradients' total norm, in place: ``torch.nn.utils.clip_grad_norm_``, fused.
 
     Same signature, result and semantics as torch's: ``parameters`` is one tensor or an
     iterable (parameters whose ``.grad`` is ``None`` are skipped); the total
     ``norm_type``-norm ``N`` of the gradients is computed as by :func:`total_norm`, then
-    every gradient is multiplied by ``min(max_norm / (N + 1e-6), 1)``; the total norm
-    (before clipping) is returned. One fused reduction and one fused in-place scale, any
-    mix of gradient dtypes in one call, and no host synchronization: the coefficient
-    never leaves the device. Gradients whose coefficient is exactly 1 (a total norm
-    below ``max_norm``) are left untouched, which gives the same bits as torch's
-    multiplication by 1 at the cost of one read.
+    every gradient is multiplied by ``min(max_norm / (N + 1e-6), 1)``
+    (:func:`clip_grads_with_norm_`); the total norm (before clipping) is returned. One
+    fused reduction and one fused in-place scale, any mix of gradient dtypes in one call,
+    and no host synchronization: the coefficient never leaves the device. Gradients
+    whose coefficient is exactly 1 (a total norm below ``max_norm``) are left untouched,
+    which gives the same bits as torch's multiplication by 1 at the cost of one read.
 
     Args:
         parameters: tensors whose ``.grad`` is clipped; the gradients must be on one
-            device (torch also takes several).
+            device (torch also takes several). DTensor gradients may be on several meshes
+            and mixed with plain ones (FSDP2 + tensor and expert parallelism).
         max_norm: the largest total norm allowed; ``float('inf')`` computes the norm
             without clipping. NaN or negative raises ``ValueError`` (torch takes a
             negative one and flips the gradients).
@@ -440,6 +477,8 @@ def clip_grad_norm_(parameters: "TensorList | Tensor", max_norm: float, norm_typ
         error_if_nonfinite: raise torch's ``RuntimeError`` when the total norm is NaN or
             infinite, before any gradient is modified (waits for the device, as torch).
         foreach: accepted for compatibility and ignored: regfuse always runs fused.
+        pp_mesh: the pipeline stages' group, as for :func:`total_norm` (torchtitan's
+            argument): the norm is global over the stages before clipping.
         backend: as in :func:`norms` (keyword only; not in torch's signature).
 
     Returns:
@@ -447,27 +486,47 @@ def clip_grad_norm_(parameters: "TensorList | Tensor", max_norm: float, norm_typ
         where a gradient is float64; ``tensor(0.)`` when no parameter has a gradient).
     """
     del foreach  # the fused path is the only one
-    if isinstance(parameters, Tensor):
-        parameters = [parameters]
-    else:
-        is_generator = isinstance(parameters, types.GeneratorType)
-        parameters = as_list(parameters)
-        if is_generator and not parameters:
-            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
-                          stacklevel=2)
+    parameters = _parameter_list(parameters)
     max_norm = check_max_norm(max_norm)
     order = _norm_order(norm_type)
     backends.check_backend_name(backend)
     grads = _gradients(parameters)
-    if not grads:
+    if not grads and pp_mesh is None:
         return torch.zeros((), dtype=torch.float32)
     with torch.no_grad():
-        # For DTensor gradients (FSDP2) the total is a partial DTensor; replicated_value
-        # reduces it (one all-reduce of a scalar, no host synchronization), so that every
-        # rank scales its shards by the coefficient of the global norm.
-        total = total_norm(grads, order, error_if_nonfinite=error_if_nonfinite, backend=backend)
-        _clip_(grads, max_norm, replicated_value(total), backend=backend)
+        # For DTensor gradients the total may be a partial DTensor; global_value reduces it
+        # (one all-reduce of a scalar, no host synchronization), so that every rank scales
+        # its shards by the coefficient of the global norm.
+        total = total_norm(grads, order, error_if_nonfinite=error_if_nonfinite, pp_mesh=pp_mesh,
+                           backend=backend)
+        if grads:
+            _clip_(grads, max_norm, global_value(total), backend=backend)
     return total
+
+
+def clip_grads_with_norm_(parameters: "TensorList | Tensor", max_norm: float,
+                          total_norm: "Tensor | float", foreach: Optional[bool] = None, *,
+                          backend: str = "auto") -> None:
+    """Scale the gradients by ``min(max_norm / (total_norm + 1e-6), 1)``, in place: a
+    drop-in for ``torch.nn.utils.clip_grads_with_norm_``, one fused launch.
+
+    ``total_norm`` is the norm computed beforehand (by :func:`total_norm`, possibly with
+    ``pp_mesh``, or combined by hand over meshes); a partial DTensor is reduced first (one
+    all-reduce of a scalar). ``parameters``, ``max_norm`` and ``foreach`` as in
+    :func:`clip_grad_norm_`; the gradients may be DTensors on several meshes mixed with
+    plain tensors. No host synchronization.
+    """
+    del foreach  # the fused path is the only one
+    parameters = _parameter_list(parameters)
+    max_norm = check_max_norm(max_norm)
+    backends.check_backend_name(backend)
+    if not isinstance(total_norm, Tensor):
+        total_norm = torch.tensor(float(total_norm), dtype=torch.float64)
+    grads = _gradients(parameters)
+    if not grads:
+        return
+    with torch.no_grad():
+        _clip_(grads, max_norm, global_value(total_norm), backend=backend)
 
 
 @dtensor_aware(in_place="values")

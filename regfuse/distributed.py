@@ -1,36 +1,47 @@
-"""DTensor lists (FSDP2, tensor parallelism) at the API boundary.
+"""DTensor lists (FSDP2, tensor, expert and pipeline parallelism) at the API boundary.
 
-Every public function of :mod:`regfuse.api` carries one :func:`dtensor_aware` line. For a
-list of plain tensors it costs one ``isinstance`` check and calls the function unchanged.
-For a list of DTensors (all on one device mesh) it runs the unchanged function once on the
-local shards, so each rank makes one fused launch over its shards, and returns what
-torch's own DTensor rules (``torch/distributed/tensor/_ops/_math_ops.py``) give for the
-same maths:
+Every public function of :mod:`regfuse.api` carries one :func:`dtensor_aware` line. While
+``torch.distributed.tensor`` was never imported it costs one check; for a plain list, one
+``isinstance`` of the first element (the function's own native checks refuse a DTensor
+further on, and only then is the list looked at element by element). A list holding
+DTensors, on any number of device meshes and with plain tensors mixed in (a plain tensor
+is taken as replicated on every rank), runs the unchanged function once on all the local
+shards, so each rank makes one fused launch, and returns:
 
-* **Reductions** (``norms``, ``penalty``, ...) return a DTensor. On a mesh dimension where
-  an input is sharded the local results are partial: ``Partial("sum")`` for sums (the L1
-  norm, the squared L2 norm, penalties), torch's norm-partial ``_NormPartial(p)`` for a
-  p-norm (``p`` not 0 or 1; reduced as ``(sum x**p)**(1/p)``), ``Partial("max")`` for the
-  max norm. On a dimension where it is replicated the result is replicated, so a
-  replicated tensor is never counted twice. ``.full_tensor()`` is the single-process value,
-  at the cost of one small all-reduce, paid only when asked for. A ``Partial`` *input* is
-  first redistributed to ``Replicate`` (a norm of pending sums is not the sum of norms),
-  as torch does for a non-linear reduction.
-* **Gradients** reach the inputs with the inputs' placements: the local shards come from
-  ``DTensor.to_local`` and the results go through ``DTensor.from_local``, both
-  differentiable, so the fused kernel's backward runs on the local shards. The local
-  backward of a norm only knows the local norm, so for a norm-partial or max-partial
-  result the gradient of each local result is rescaled in the backward by what the global
-  value says (``(n_local / n_global)**(p - 1)``; for the max, the share of the elements
-  attaining the global maximum that lives on this rank), which costs one all-reduce of the
-  result vector in the backward, as torch's own ``vector_norm`` backward does.
-* **In-place ops** (``prox_l1_``, ``add_penalty_grad_``) update every local shard (a
-  replicated one identically on every rank); no communication.
+* **A list on one mesh with one result placement**: what torch's own DTensor rules
+  (``torch/distributed/tensor/_ops/_math_ops.py``) give for the same maths, with no
+  communication. On a mesh dimension where an input is sharded (``Shard``,
+  ``_StridedShard``, anything that says it shards) the local results are partial:
+  ``Partial("sum")`` for sums (the L1 norm, the squared L2 norm, ``p=0``), torch's
+  norm-partial ``_NormPartial(p)`` for a p-norm, ``Partial("max")`` (``"min"``) for
+  ``±inf``. On a dimension where it is replicated the result is replicated. A ``Partial``
+  *input* is first redistributed to ``Replicate``, as torch does for a non-linear
+  reduction. A placement that is none of these raises ``NotImplementedError``.
+* **Mixed placements on one mesh (tensor parallelism)**: a replicated DTensor; **several
+  meshes, or plain tensors mixed in (expert parallelism, layers without a TP plan)**: a
+  plain tensor holding the global value. Either way the per-tensor partial values of
+  the one launch are folded into one vector per process group (``p``-th powers for a
+  p-norm; a replicated shard counted on coordinate 0 of its replicated mesh dimensions
+  only, with its gradient on every rank) and all-reduced once: one all-reduce per mesh,
+  meshes spanning the same ranks sharing one.
+* **Loss terms** (``penalty``, ``group_penalty``): always a plain tensor holding the
+  global value, so that ``loss + penalty(model.parameters())`` joins a plain loss. The
+  all-reduce's backward passes the gradient through: every rank adds the same term, so
+  its share of the value has the same upstream gradient; no collective in the backward.
+* **Per-slice results** (``group_norms``): one result per tensor, sharded like its
+  slices, partial where the slices are split over the ranks (partial sums, reduced when
+  asked for, never a gather of the tensor).
+* **In-place ops** (``prox_l1_``, ``add_penalty_grad_``): every local shard and plain
+  tensor updated; no communication.
 
-Inputs whose placements differ (tensor parallelism mixes ``Shard`` and ``Replicate``) are
-reduced in one launch per placement group; the groups' results are then made replicated
-(one all-reduce each) and combined, since one DTensor cannot carry two placements, which
-is also what torch's rules do when such results are stacked or added.
+Gradients reach the inputs with the inputs' placements (``to_local`` / ``from_local``
+are differentiable). The local backward of a norm only knows the local norm; for a
+norm-partial or max-partial DTensor result the gradient is rescaled in the backward by
+what the global value says (one all-reduce of the result vector, as torch's own
+``vector_norm`` backward); through the folded all-reduce of the other cases the chain
+rule does it with no collective (a max norm's needs one, to share the gradient among the
+ranks attaining it). ``pp_mesh`` (``stages=``): the global value is then reduced across
+the pipeline stages (:func:`across_stages`).
 
 A tensor subclass that is not a DTensor and whose data the kernels cannot read (any
 subclass with ``__torch_dispatch__``, nested tensors) is refused with a ``TypeError``
@@ -38,14 +49,12 @@ naming its type (:func:`regfuse.validation.inspect_py`), before anything runs.
 
 A new public function gets all of this with one line, e.g.::
 
-    @dtensor_aware(reduce=lambda args: norm_combination(args["p"]))
-    def total_norm(tensors, p=2.0, *, backend="auto"): ...
+    @dtensor_aware(reduce=lambda args: norm_combination(args["p"]), per_tensor=True)
+    def norms(tensors, p=2.0, *, backend="auto"): ...
 
 ``torch.compile``: the custom ops only ever see the local shards, so they need no DTensor
 sharding rule (``register_sharding``); dynamo traces ``to_local``, ``from_local`` and the
-autograd functions below itself (``penalty`` and ``norms`` of a DTensor list compile with
-``fullgraph=True``, same values and placements as in eager mode; checked by hand with 2
-gloo ranks, not in the test suite, whose time budget a compile would exceed).
+autograd functions below itself.
 """
 from __future__ import annotations
 
@@ -111,14 +120,56 @@ def replicated_value(t: Tensor) -> Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+# ---- placements ---------------------------------------------------------------------------
+
+def shard_dim(placement) -> Optional[int]:
+    """The tensor dimension ``placement`` splits over its mesh dimension; ``None`` for one that
+    replicates (``Replicate``) or holds pending values (``Partial`` and its subclasses).
+
+    ``Shard`` and every placement whose class or ``is_shard()`` says it shards (torch's
+    ``_StridedShard``, which FSDP2 composed with tensor parallelism gives, is not a ``Shard``
+    subclass and answers ``is_shard() == False``) shard; anything else is refused, so that
+    a new kind of placement is never mistaken for a replicated one.
+    """
+    if placement.is_replicate() or placement.is_partial():
+        return None
+    dim = getattr(placement, "dim", None)
+    if isinstance(dim, int) and (placement.is_shard() or "Shard" in type(placement).__name__):
+        return dim
+    raise NotImplementedError(f"regfuse: placement {placement!r} ({type(placement).__qualname__}) is "
+                              "none of Shard, _StridedShard, Replicate or Partial; regfuse cannot "
+                              "tell how its local values combine")
+
+
+def _sharding(t) -> list[Optional[int]]:
+    return [shard_dim(p) for p in t.placements]
+
+
+def _on_result_dim(placement, dim: int = 0):
+    """The placement sharding a per-slice result (dim 0) as ``placement`` shards the slices."""
+    from torch.distributed.tensor import Shard
+    if isinstance(placement, Shard) or placement.is_shard():
+        return Shard(dim)
+    split_factor = getattr(placement, "split_factor", None)
+    if split_factor is not None:  # _StridedShard: the same interleaving of the slices
+        return type(placement)(dim, split_factor=split_factor)
+    raise NotImplementedError(f"regfuse: cannot shard a per-slice result as {placement!r}")
+
+
 # ---- the decorator ----------------------------------------------------------------------
+
+Entries = Callable[[list, dict, list], Tensor]
+
 
 def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], None] = None,
                   per_tensor: Union[bool, str] = False, in_place: Optional[str] = None,
                   slices: Optional[Callable[[dict], int]] = None,
-                  per_tensor_args: Sequence[str] = ("coefficients",),
+                  entries: Optional[Entries] = None,
+                  finish: Optional[Callable[[Tensor, dict], Tensor]] = None,
+                  loss_term: bool = False, stages: Optional[str] = None,
                   global_checks: Optional[dict[str, Callable[[Tensor, dict], None]]] = None) -> Callable:
-    """Makes a public function whose first argument is the tensor list accept DTensor lists.
+    """Makes a public function whose first argument is the tensor list accept DTensor lists,
+    on any number of device meshes, with plain tensors mixed in.
 
     Exactly one of:
 
@@ -128,18 +179,20 @@ def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], N
       (a dict, defaults applied). ``per_tensor=True``: entry ``i`` of the 1-D result
       belongs to tensor ``i`` (``norms``); ``per_tensor="list"``: the function returns
       one 1-D tensor per input, one value per slice (needs ``slices``); else the result
-      combines the whole list.
+      combines the whole list, and ``entries(local, arguments, dtensors)`` gives one
+      value per tensor (its share of the result, combined as ``reduce`` says) from the
+      local shards in one launch, and ``finish(global_values, arguments)`` the result
+      from the global per-tensor values.
     * ``in_place="values"``: the function updates the tensors in place (``prox_l1_``);
       ``in_place="grads"``: it updates (or creates) their ``.grad`` (``add_penalty_grad_``).
 
     ``slices`` (for functions working on whole slices along a dimension, group norms and
-    the group lasso) gives that dimension from the arguments. A tensor sharded along
-    another dimension is redistributed there first (its slices are split over the ranks)
-    by a reduction, and refused by an in-place op; a tensor sharded along it keeps its
-    shards, and a per-slice result is then sharded the same way (``Shard(0)``).
+    the group lasso) gives that dimension from the arguments.
 
-    ``per_tensor_args`` name the arguments holding one value per tensor, which are split
-    along with the list when it has several placement groups.
+    ``loss_term``: the result is always a plain tensor holding the global value (a loss
+    term joins a plain loss). ``stages`` names an argument holding a pipeline group
+    (``pp_mesh``): the local calls run without it and the global value is then reduced
+    across it (:func:`across_stages`); the function itself does that for plain lists.
 
     ``global_checks`` maps a boolean argument of a reduction that asks for a check of the
     result (``error_if_nonfinite``) to the check, ``check(value, arguments)``: for DTensors
@@ -166,36 +219,65 @@ def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], N
                 items = tensors
             else:
                 items = tensors = as_list(tensors)
-            # A list is all DTensors or none: a plain list with a DTensor further on is
-            # refused by the plain path's checks, naming the element.
-            if not items or not isinstance(items[0], cls):
+            if not items:
                 return fn(tensors, *args, **kwargs)
+            if not isinstance(items[0], cls):
+                # A plain list: the function's own (native) checks refuse a DTensor further
+                # on before anything runs; only then is the list looked at element by element.
+                try:
+                    return fn(tensors, *args, **kwargs)
+                except TypeError:
+                    if not any(isinstance(t, cls) for t in items):
+                        raise
             bound = signature.bind(tensors if isinstance(tensors, Tensor) else list(items),
                                    *args, **kwargs)
             bound.apply_defaults()
-            tensors = list(items)
-            mesh = _check_list(tensors, cls)
+            return _distributed(fn, bound, list(items), cls)
+
+        def _distributed(fn, bound, tensors: list, cls: type):
+            dtensors = [t if isinstance(t, cls) else None for t in tensors]
+            meshes = _meshes(dtensors)
             dim = slices(bound.arguments) if slices is not None else None
             if in_place is not None:
                 if dim is not None:
-                    _refuse_split_slices(tensors, dim)
-                return _in_place(fn, bound, tensors, in_place == "grads")
-            tensors = _replicate_partials(tensors)
-            if dim is not None:
-                tensors = _whole_slices(tensors, dim)
-            if per_tensor == "list":
-                return _per_slice_results(fn, bound, tensors)
+                    _refuse_split_slices(tensors, dtensors, dim)
+                return _in_place(fn, bound, tensors, dtensors, in_place == "grads")
+            tensors = _replicate_partials(tensors, dtensors)
+            dtensors = [t if d is not None else None for t, d in zip(tensors, dtensors)]
             combination = reduce(bound.arguments) if callable(reduce) else reduce
+            if per_tensor == "list":
+                return _per_slice_results(fn, bound, tensors, dtensors, dim, combination)
+            if dim is not None and entries is None:  # slices split over the ranks made whole
+                dtensors = [d if d is None or not _split_dims(d, dim) else _whole_slices(d, dim)
+                            for d in dtensors]
+                tensors = [t if d is None else d for t, d in zip(tensors, dtensors)]
+            pipeline = bound.arguments.get(stages) if stages else None
+            if stages:
+                bound.arguments[stages] = None
             asked = [name for name in (global_checks or {}) if bound.arguments.get(name)]
             for name in asked:
                 bound.arguments[name] = False
-            result = _reduction(fn, signature, bound, tensors, mesh, combination, per_tensor,
-                                per_tensor_args)
+            one_mesh = len(meshes) == 1 and all(d is not None for d in dtensors)
+            groups = _placement_groups(dtensors, combination) if one_mesh else {}
+            if one_mesh and len(groups) == 1 and not loss_term:
+                result = _reduce_group(fn, bound, tensors, meshes[0], next(iter(groups)),
+                                       combination, per_tensor)
+                value = global_value(result) if (asked or pipeline is not None) else None
+            else:
+                make = (lambda local, arguments, _: _call_on(fn, bound, local)) \
+                    if per_tensor else entries
+                value = _global_reduction(make, bound, tensors, dtensors, meshes, combination)
+                if not per_tensor:
+                    value = finish(value, bound.arguments)
+                result = value
+                if one_mesh and not loss_term:  # torch's rules: a replicated DTensor
+                    result = _unsharded(value, meshes[0], _replicated(meshes[0]))
+            if pipeline is not None:
+                result = value = across_stages(value, combination, pipeline)
             if asked:
-                value = replicated_value(result).detach()
                 for name in asked:
                     bound.arguments[name] = True
-                    global_checks[name](value, bound.arguments)
+                    global_checks[name](value.detach(), bound.arguments)
             return result
 
         return wrapper
@@ -203,22 +285,242 @@ def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], N
     return decorate
 
 
-def _check_list(tensors: list, cls: type):
-    mesh = tensors[0].device_mesh
-    for i, t in enumerate(tensors):
-        if not isinstance(t, cls):
-            raise TypeError(f"regfuse: tensor 0 is a DTensor but tensor {i} is a {type(t).__name__}; "
-                            "a list must be all DTensors (on one device mesh) or all plain tensors")
-        if t.device_mesh != mesh:
-            raise ValueError(f"regfuse: DTensors on different device meshes (tensor 0 on {mesh}, "
-                             f"tensor {i} on {t.device_mesh}); one mesh per list")
-    return mesh
+def _meshes(dtensors: list) -> list:
+    """The distinct device meshes of a list, in order of appearance."""
+    meshes: list = []
+    for d in dtensors:
+        if d is not None and not any(d.device_mesh == m for m in meshes):
+            meshes.append(d.device_mesh)
+    return meshes
+
+
+def _replicated(mesh) -> list:
+    from torch.distributed.tensor import Replicate
+    return [Replicate()] * mesh.ndim
+
+
+def _placement_groups(dtensors: list, combination) -> dict:
+    groups: dict[tuple, list[int]] = {}
+    for i, d in enumerate(dtensors):
+        groups.setdefault(_output_placements(tuple(d.placements), combination), []).append(i)
+    return groups
+
+
+# ---- one all-reduce per process group ---------------------------------------------------
+
+_groups: dict = {}
+
+
+def _process_groups(mesh, dims: Sequence[int]) -> tuple:
+    """The process groups that together span ``dims`` of ``mesh``: one where it can be had
+    (a single dimension, the world, or a flattened mesh), else one per dimension."""
+    dims = tuple(sorted(dims))
+    key = (mesh, dims)
+    found = _groups.get(key)
+    if found is not None:
+        return found
+    import torch.distributed as dist
+    if len(dims) == 1:
+        found = (mesh.get_group(dims[0]),)
+    elif len(dims) == mesh.ndim and mesh.size() == dist.get_world_size():
+        found = (dist.group.WORLD,)
+    elif mesh.mesh_dim_names:
+        names = tuple(mesh.mesh_dim_names[d] for d in dims)
+        sub = mesh if len(dims) == mesh.ndim else mesh[names]
+        found = (sub._flatten().get_group(),)
+    else:
+        found = tuple(mesh.get_group(d) for d in dims)
+    _groups[key] = found
+    return found
+
+
+def _reduce_op(combination):
+    import torch.distributed as dist
+    return {MAX: dist.ReduceOp.MAX, MIN: dist.ReduceOp.MIN}.get(combination, dist.ReduceOp.SUM)
+
+
+class _SumAcross(torch.autograd.Function):
+    """All-reduce (sum) whose backward passes the gradient through: the result is a global
+    value that every rank uses alike, so each rank's share of it gets the same upstream
+    gradient (no collective in the backward; differentiable again)."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, groups: tuple):
+        import torch.distributed as dist
+        out = local.detach().clone()
+        for group in groups:
+            dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ExtremumAcross(torch.autograd.Function):
+    """All-reduce (max or min) of per-tensor extrema; the gradient goes to the ranks whose
+    value attains the global one, shared in proportion to their elements attaining it
+    (``hits``), as torch shares a max norm's gradient (one all-reduce in the backward of
+    ``counted``: the hits with those of a replicated copy counted on one rank only)."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, hits: Tensor, counted: Tensor, groups: tuple, op):
+        import torch.distributed as dist
+        out = local.detach().clone()
+        for group in groups:
+            dist.all_reduce(out, op=op, group=group)
+        ctx.groups = groups
+        ctx.save_for_backward(local, hits, counted, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        local, hits, counted, out = ctx.saved_tensors
+        attained = local == out
+        mine = torch.where(attained, hits.to(local.dtype), torch.zeros_like(local))
+        total = torch.where(attained, counted.to(local.dtype), torch.zeros_like(local))
+        for group in ctx.groups:
+            dist.all_reduce(total, group=group)
+        return grad * mine / total.clamp_min(1), None, None, None, None
+
+
+def _safe_pow(x: Tensor, e: float) -> Tensor:
+    """``x ** e`` for ``x >= 0`` (NaN stays NaN), 0 with gradient 0 at 0: no ``inf * 0`` in a backward."""
+    return torch.where(x != 0, x.clamp_min(torch.finfo(x.dtype).tiny).pow(e), torch.zeros_like(x))
+
+
+def counted_here(t, ignore: Sequence[int] = ()) -> bool:
+    """Whether this rank counts a DTensor's local values in a sum over its whole mesh: on
+    every mesh dimension that does not shard it (``ignore`` aside), only coordinate 0 does,
+    so that a replicated shard is counted once."""
+    mesh = t.device_mesh
+    coordinate = mesh.get_coordinate()
+    return all(coordinate[k] == 0 for k, d in enumerate(_sharding(t)) if d is None and k not in ignore)
+
+
+def count_once(values: Tensor, counted: Sequence[bool]) -> Tensor:
+    """``values`` with the entries not counted here zeroed in value but not in gradient
+    (each rank's replicated copy gets the full gradient, as a replicated tensor does)."""
+    if all(counted):
+        return values
+    keep = torch.tensor(counted, device=values.device)
+    return torch.where(keep, values, values - values.detach())
+
+
+def _identity(combination) -> float:
+    return {MAX: -math.inf, MIN: math.inf}.get(combination, 0.0)
+
+
+def _global_reduction(make: Entries, bound, tensors: list, dtensors: list, meshes: list,
+                      combination) -> Tensor:
+    """Per-tensor global values of a list spread over meshes and plain tensors: one launch
+    over all local shards (``make``), one all-reduce per process group involved."""
+    local = _local_shards(tensors, dtensors)
+    values = make(local, dict(bound.arguments), dtensors)
+    wide = values.to(torch.float64)
+    if isinstance(combination, NormPartial):
+        wide = _safe_pow(wide, combination.p)
+    extremum = combination in (MAX, MIN)
+    if extremum:
+        hits = torch.stack([(s.detach().abs().to(wide.dtype) == v).sum() if s.numel() else s.new_zeros((), dtype=wide.dtype)
+                            for s, v in zip(local, wide.detach())]) if torch.is_grad_enabled() and wide.requires_grad \
+            else torch.zeros_like(wide)
+    once_list = [d is None or counted_here(d) for d in dtensors]
+    if extremum:
+        once = torch.tensor(once_list, dtype=wide.dtype, device=wide.device)
+    else:
+        wide = count_once(wide, once_list)
+    result = wide
+    identity = _identity(combination)
+    by_group: dict = {}
+    for mesh in meshes:
+        members = [d is not None and d.device_mesh == mesh for d in dtensors]
+        groups = _process_groups(mesh, range(mesh.ndim))
+        key = tuple(id(g) for g in groups)
+        if key in by_group:
+            by_group[key][1] = [a or b for a, b in zip(by_group[key][1], members)]
+        else:
+            by_group[key] = [groups, members]
+    for groups, members in by_group.values():
+        inside = torch.tensor(members, device=wide.device)
+        part = torch.where(inside, wide, torch.full_like(wide, identity))
+        if extremum:
+            mine = torch.where(inside, hits, torch.zeros_like(hits))
+            reduced = _ExtremumAcross.apply(part, mine, mine * once, groups, _reduce_op(combination))
+        else:
+            reduced = _SumAcross.apply(part, groups)
+        result = torch.where(inside, reduced, result)
+    if isinstance(combination, NormPartial):
+        result = _safe_pow(result, 1 / combination.p)
+    return result.to(values.dtype)
+
+
+def across_stages(value: Tensor, combination, pp_mesh) -> Tensor:
+    """``value`` (this stage's global reduction) combined over the pipeline stages: the sum of
+    p-th powers for a p-norm, the max (min) for ``±inf``, the sum of counts for ``p=0``.
+
+    ``pp_mesh`` is a 1-D ``DeviceMesh`` or a ``ProcessGroup`` whose ranks hold disjoint
+    parameters; one all-reduce. The result is a plain tensor on every rank."""
+    if is_dtensor(value):
+        value = global_value(value)
+    groups = (pp_mesh,) if not hasattr(pp_mesh, "get_group") else \
+        _process_groups(pp_mesh, range(pp_mesh.ndim))
+    if combination in (MAX, MIN):
+        return _ExtremumAcross.apply(value, torch.ones_like(value), torch.ones_like(value), groups, _reduce_op(combination))
+    if isinstance(combination, NormPartial):
+        wide = _safe_pow(value.to(torch.float64), combination.p)
+        return _safe_pow(_SumAcross.apply(wide, groups), 1 / combination.p).to(value.dtype)
+    return _SumAcross.apply(value, groups)
+
+
+def global_value(t: Tensor) -> Tensor:
+    """The single-process value of a result as a plain tensor: a DTensor's pending values
+    reduced with one all-reduce over its partial mesh dimensions (``full_tensor`` makes
+    one per dimension); anything else as it is. Not differentiable through the reduction
+    for max/min partials."""
+    if not is_dtensor(t):
+        return t
+    dims = [k for k, p in enumerate(t.placements) if p.is_partial()]
+    if any(shard_dim(p) is not None for p in t.placements) or not dims:
+        return t.full_tensor()
+    local = t.to_local() if torch.is_grad_enabled() else t._local_tensor
+    kinds = {getattr(t.placements[k], "reduce_op", None) for k in dims}
+    norm = {getattr(t.placements[k], "norm_type", None) for k in dims}
+    groups = _process_groups(t.device_mesh, dims)
+    if len(kinds) != 1:
+        return t.full_tensor()
+    kind = next(iter(kinds))
+    if kind == "sum":
+        p = next(iter(norm))
+        if p is None or len(norm) != 1:
+            return _SumAcross.apply(local, groups)
+        return across_groups_norm(local, float(p), groups)
+    if kind in ("max", "min"):
+        return _ExtremumAcross.apply(local, torch.ones_like(local), torch.ones_like(local), groups, _reduce_op(kind))
+    return t.full_tensor()
+
+
+def across_groups_norm(local: Tensor, p: float, groups: tuple) -> Tensor:
+    if p in (math.inf, -math.inf):
+        return _ExtremumAcross.apply(local, torch.ones_like(local), torch.ones_like(local), groups, _reduce_op(MAX if p > 0 else MIN))
+    wide = _safe_pow(local.to(torch.float64), p)
+    return _safe_pow(_SumAcross.apply(wide, groups), 1 / p).to(local.dtype)
+
+
+def replicated_value(t: Tensor) -> Tensor:
+    """Kept for callers of the earlier name: :func:`global_value`."""
+    return global_value(t)
 
 
 # ---- in-place ops: every local shard, no communication ----------------------------------
 
-def _in_place(fn: Callable, bound, tensors: list, grads: bool) -> None:
-    for i, t in enumerate(tensors):
+def _in_place(fn: Callable, bound, tensors: list, dtensors: list, grads: bool) -> None:
+    for i, t in enumerate(dtensors):
+        if t is None:
+            continue
+        _sharding(t)  # an unknown placement is refused before anything runs
         if any(p.is_partial() for p in t.placements):
             raise ValueError(f"regfuse: tensor {i} is a Partial DTensor {t.placements}; its local "
                              "values are pending sums, not values to update in place")
@@ -232,30 +534,33 @@ def _in_place(fn: Callable, bound, tensors: list, grads: bool) -> None:
                                  "redistribute the gradient to the parameter's placements first")
     with torch.no_grad():
         # Stand-ins sharing the local shard's memory and version counter; for "grads" each
-        # carries the local shard of the gradient as its own .grad.
-        local = [t._local_tensor.detach() for t in tensors]
+        # carries the local shard of the gradient as its own .grad. Plain tensors as they are.
+        local = [t if d is None else d._local_tensor.detach() for t, d in zip(tensors, dtensors)]
     if grads:
-        for stand_in, t in zip(local, tensors):
-            if t.grad is not None:
-                stand_in.grad = t.grad._local_tensor
+        for stand_in, d in zip(local, dtensors):
+            if d is not None and d.grad is not None:
+                stand_in.grad = d.grad._local_tensor
     _call_on(fn, bound, local)
     changed = []
-    for stand_in, t in zip(local, tensors):
+    for stand_in, d in zip(local, dtensors):
+        if d is None:
+            continue
         if not grads:
-            changed.append(t)
-        elif t.grad is None:  # the function created the gradient: give the DTensor its own
-            t.grad = _wrap_like(stand_in.grad, t)
+            changed.append(d)
+        elif d.grad is None:  # the function created the gradient: give the DTensor its own
+            d.grad = _wrap_like(stand_in.grad, d)
         else:
-            changed.append(t.grad)
+            changed.append(d.grad)
     bump_versions(changed)
 
 
-def _unsharded(local: Tensor, mesh, placements) -> Tensor:
-    """``local`` as a DTensor whose global shape is its own: ``placements`` replicate it or
-    hold partial values of it, none shards it (no communication)."""
+def _unsharded(local: Tensor, mesh, placements, shape=None) -> Tensor:
+    """``local`` as a DTensor whose global shape is its own (``shape`` where given):
+    ``placements`` replicate it or hold partial values of it (no communication)."""
     from torch.distributed.tensor import DTensor
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=local.shape,
-                              stride=local.stride())
+    shape = local.shape if shape is None else torch.Size(shape)
+    stride = local.stride() if shape == local.shape else tuple(torch.empty(shape, device="meta").stride())
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
 def _wrap_like(local: Tensor, like) -> Tensor:
@@ -266,32 +571,39 @@ def _wrap_like(local: Tensor, like) -> Tensor:
 
 # ---- reductions ---------------------------------------------------------------------------
 
-def _replicate_partials(tensors: list) -> list:
+def _replicate_partials(tensors: list, dtensors: list) -> list:
     """A ``Partial`` input holds pending sums: a norm needs its values (torch does the same)."""
     from torch.distributed.tensor import Replicate
     out = []
-    for t in tensors:
-        if any(p.is_partial() for p in t.placements):
-            t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
+    for t, d in zip(tensors, dtensors):
+        if d is not None:
+            _sharding(d)  # an unknown placement is refused before anything runs
+            if any(p.is_partial() for p in d.placements):
+                t = d.redistribute(d.device_mesh, [Replicate() if p.is_partial() else p for p in d.placements])
         out.append(t)
     return out
 
 
-def _output_placements(placements: tuple, combination: Combination) -> tuple:
-    """The result's placement on each mesh dimension: partial where the input is sharded."""
-    from torch.distributed.tensor import Partial, Replicate
+def _partial(combination: Combination):
+    from torch.distributed.tensor import Partial
     if isinstance(combination, NormPartial):
         from torch.distributed.tensor._ops._math_ops import _NormPartial
-        partial = _NormPartial(combination.p)
-    else:
-        partial = Partial(combination)
-    return tuple(partial if p.is_shard() else Replicate() for p in placements)
+        return _NormPartial(combination.p)
+    return Partial(combination)
 
 
-def _local_shards(tensors: list) -> list:
-    if torch.is_grad_enabled():
-        return [t.to_local() for t in tensors]  # differentiable: gradients come back as DTensors
-    return [t._local_tensor for t in tensors]
+def _output_placements(placements: tuple, combination: Combination) -> tuple:
+    """The result's placement on each mesh dimension: partial where the input is sharded."""
+    from torch.distributed.tensor import Replicate
+    partial = _partial(combination)
+    return tuple(partial if shard_dim(p) is not None else Replicate() for p in placements)
+
+
+def _local_shards(tensors: list, dtensors: Optional[list] = None) -> list:
+    dtensors = tensors if dtensors is None else dtensors
+    grad = torch.is_grad_enabled()
+    return [t if d is None else (d.to_local() if grad else d._local_tensor)  # differentiable
+            for t, d in zip(tensors, dtensors)]
 
 
 def _split_dims(t, dim: int) -> list[int]:
@@ -299,117 +611,62 @@ def _split_dims(t, dim: int) -> list[int]:
     if t.dim() == 0:
         return []
     dim = dim % t.dim() if -t.dim() <= dim < t.dim() else dim  # out of range: the function raises
-    return [k for k, p in enumerate(t.placements) if p.is_shard() and p.dim != dim]
+    return [k for k, d in enumerate(_sharding(t)) if d is not None and d != dim]
 
 
-def _refuse_split_slices(tensors: list, dim: int) -> None:
-    for i, t in enumerate(tensors):
-        if _split_dims(t, dim):
+def _refuse_split_slices(tensors: list, dtensors: list, dim: int) -> None:
+    for i, t in enumerate(dtensors):
+        if t is not None and _split_dims(t, dim):
             raise ValueError(f"regfuse: tensor {i} has placements {tuple(t.placements)}, so its slices "
                              f"along dim {dim} are split over the ranks; this in-place op works on "
                              f"whole slices: shard along dim {dim} (FSDP2 shards dim 0) or redistribute")
 
 
-def _whole_slices(tensors: list, dim: int) -> list:
-    """Redistributes the tensors whose slices along ``dim`` are split over the ranks."""
+def _whole_slices(t, dim: int):
+    """``t`` redistributed so that its slices along ``dim`` are whole on every rank."""
     from torch.distributed.tensor import Replicate
+    split = _split_dims(t, dim)
+    return t.redistribute(t.device_mesh, [Replicate() if k in split else p for k, p in enumerate(t.placements)])
+
+
+def _per_slice_results(fn, bound, tensors: list, dtensors: list, dim: int, combination) -> list:
+    """One result per input, from one launch over all local shards: a plain tensor for a
+    plain input; for a DTensor, sharded like its slices where they are sharded, partial
+    (``combination``) where they are split over the ranks (the partial sums are reduced
+    when the value is asked for: an all-reduce of one number per slice, never a gather of
+    the tensor), replicated elsewhere."""
+    from torch.distributed.tensor import DTensor, Replicate
+    if combination in (MAX, MIN) and torch.is_grad_enabled() and any(
+            d is not None and d.requires_grad and _split_dims(d, dim) for d in dtensors):
+        # The max-norm gradient needs each slice's elements: those slices are gathered.
+        dtensors = [d if d is None or not _split_dims(d, dim) else _whole_slices(d, dim) for d in dtensors]
+        tensors = [t if d is None else d for t, d in zip(tensors, dtensors)]
+    results = _call_on(fn, bound, _local_shards(tensors, dtensors))
     out = []
-    for t in tensors:
-        split = _split_dims(t, dim)
-        if split:
-            t = t.redistribute(t.device_mesh, [Replicate() if k in split else p
-                                               for k, p in enumerate(t.placements)])
-        out.append(t)
-    return out
-
-
-def _per_slice_results(fn, bound, tensors: list) -> list:
-    """One DTensor per input: sharded like the slices (``Shard(0)``), else replicated."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    results = _call_on(fn, bound, _local_shards(tensors))
-    out = []
-    for t, r in zip(tensors, results):
-        sharded = [p for p in t.placements if p.is_shard()]  # only along the slices' dim now
-        placements = [Shard(0) if p.is_shard() else Replicate() for p in t.placements]
-        shape = torch.Size([t.shape[sharded[0].dim]]) if sharded else r.shape
-        out.append(DTensor.from_local(r, t.device_mesh, placements, run_check=False, shape=shape,
-                                      stride=(1,) * len(shape)))
-    return out
-
-
-def _reduction(fn, signature, bound, tensors, mesh, combination, per_tensor, per_tensor_args):
-    # Grouped by the result's placements: Shard(0) and Shard(1) inputs both give partial
-    # results and share a launch.
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(_output_placements(tuple(t.placements), combination), []).append(i)
-    if len(groups) == 1:
-        placements = next(iter(groups))
-        return _reduce_group(fn, bound, tensors, mesh, placements, combination, per_tensor)
-    bad = _unsplittable(bound, len(tensors), per_tensor_args)
-    if bad is not None:
-        # The function's own check says what is wrong with it, on the whole list.
-        with torch.no_grad():
-            _call_on(fn, bound, [t._local_tensor for t in tensors])
-        raise ValueError(f"regfuse: {bad} must hold one value per tensor ({len(tensors)})")
-    # One launch per placement group, each result made replicated (differentiably), then
-    # combined as the reduction combines: one DTensor holds only one placement.
-    from torch.distributed.tensor import Replicate
-    parts, order = [], []
-    for out_placements, indices in groups.items():
-        sub = _subset(signature, bound, tensors, indices, per_tensor_args)
-        part = _reduce_group(fn, sub, [tensors[i] for i in indices], mesh, out_placements,
-                             combination, per_tensor)
-        parts.append(part.full_tensor())
-        order.extend(indices)
-    if per_tensor:
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        value = torch.cat(parts)[inverse.to(parts[0].device)]
-    else:
-        value = _combine(torch.stack(parts), combination)
-    return _unsharded(value, mesh, [Replicate()] * mesh.ndim)
-
-
-def _combine(values: Tensor, combination: Combination) -> Tensor:
-    if combination == SUM:
-        return values.sum()
-    if combination == MAX:
-        return values.max()
-    if combination == MIN:
-        return values.min()
-    return torch.linalg.vector_norm(values, combination.p)
-
-
-def _unsplittable(bound, n: int, per_tensor_args) -> Optional[str]:
-    """The first per-tensor argument that does not hold ``n`` values (iterables become lists)."""
-    for name in per_tensor_args:
-        value = bound.arguments.get(name)
-        if value is None:
+    for d, r in zip(dtensors, results):
+        if d is None:
+            out.append(r)
             continue
-        if isinstance(value, Tensor):
-            if value.dim() != 1 or value.numel() != n:
-                return name
+        if d.dim() == 0:
+            out.append(_unsharded(r, d.device_mesh, _replicated(d.device_mesh)))
             continue
-        try:
-            bound.arguments[name] = value = list(value)
-        except TypeError:
-            return name
-        if len(value) != n:
-            return name
-    return None
-
-
-def _subset(signature, bound, tensors: list, indices: list[int], per_tensor_args) -> pyinspect.BoundArguments:
-    arguments = dict(bound.arguments)
-    first = next(iter(signature.parameters))
-    arguments[first] = [tensors[i] for i in indices]
-    for name in per_tensor_args:
-        value = arguments.get(name)
-        if value is not None:
-            arguments[name] = (value[torch.tensor(indices, device=value.device)]
-                               if isinstance(value, Tensor) else [value[i] for i in indices])
-    return pyinspect.BoundArguments(signature, arguments)
+        along = dim % d.dim()
+        placements, partial = [], False
+        for p, s in zip(d.placements, _sharding(d)):
+            if s is None:
+                placements.append(Replicate())
+            elif s == along:
+                placements.append(_on_result_dim(p))
+            else:
+                placements.append(_partial(combination))
+                partial = True
+        shape = (d.shape[along],)
+        if partial and isinstance(combination, NormPartial):
+            out.append(_NormPartialResult.apply(r, d.device_mesh, tuple(placements), combination.p, shape))
+        else:
+            out.append(DTensor.from_local(r, d.device_mesh, placements, run_check=False,
+                                          shape=torch.Size(shape), stride=(1,)))
+    return out
 
 
 def _call_on(fn, bound, local: list):
@@ -429,7 +686,7 @@ def _reduce_group(fn, bound, tensors: list, mesh, out_placements: tuple, combina
         # Gradient of a sum of shards: every shard gets the upstream gradient as it is.
         return _unsharded(result, mesh, out_placements)
     if isinstance(combination, NormPartial):
-        return _NormPartialResult.apply(result, mesh, out_placements, combination.p)
+        return _NormPartialResult.apply(result, mesh, out_placements, combination.p, None)
     return _ExtremumPartialResult.apply(result, mesh, out_placements, per_tensor, *local)
 
 
@@ -450,19 +707,30 @@ def _replicated_locally(t) -> Tensor:
     return t.full_tensor(grad_placements=[Partial("sum")] * t.device_mesh.ndim)
 
 
+def _local_of(full: Tensor, like) -> Tensor:
+    """This rank's part of a full (replicated) value, sharded as ``like``'s placements say."""
+    if full.dim() == 0 or not any(shard_dim(q) is not None for q in like.placements
+                                  if not q.is_partial()):
+        return full
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    placements = [Replicate() if q.is_partial() else q for q in like.placements]
+    return distribute_tensor(full, like.device_mesh, placements, src_data_rank=None).to_local()
+
+
 class _NormPartialResult(torch.autograd.Function):
-    """Local p-norms ``n`` -> a ``_NormPartial(p)`` DTensor.
+    """Local p-norms ``n`` -> a DTensor partial (``_NormPartial(p)``) where the inputs are split.
 
     The local kernel's backward computes ``d n / d x`` with the local norm; the global norm
     ``N = (sum_k n_k**p)**(1/p)`` has ``d N / d n_k = (n_k / N)**(p - 1)``, which the backward
-    applies to the upstream gradient (0 where ``n_k`` is 0, as for a zero norm).
+    applies to the upstream gradient (0 where ``n_k`` is 0, as for a zero norm). ``shape``:
+    the result's global shape where it is also sharded (per-slice norms), else ``None``.
     """
 
     @staticmethod
-    def forward(ctx, local: Tensor, mesh, placements: tuple, p: float):
-        ctx.mesh, ctx.placements, ctx.p = mesh, placements, p
+    def forward(ctx, local: Tensor, mesh, placements: tuple, p: float, shape):
+        ctx.mesh, ctx.placements, ctx.p, ctx.shape = mesh, placements, p, shape
         ctx.save_for_backward(local)
-        return _unsharded(local.detach(), mesh, placements)
+        return _unsharded(local.detach(), mesh, placements, shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -470,12 +738,15 @@ class _NormPartialResult(torch.autograd.Function):
         # N from sum-partials of n**p: differentiable as it is (torch's backward of a
         # _NormPartial redistribution passes the gradient through unscaled), which makes
         # this backward itself differentiable.
-        powers = _unsharded(local.pow(ctx.p), ctx.mesh, _partial_sum_placements(ctx.placements))
+        powers = _unsharded(local.pow(ctx.p), ctx.mesh, _partial_sum_placements(ctx.placements), ctx.shape)
         total = _replicated_locally(powers).pow(1 / ctx.p)
+        upstream = _replicated_locally(grad).to(local.dtype)
+        if ctx.shape is not None:  # sharded too: this rank's part of the full values
+            total, upstream = _local_of(total, powers), _local_of(upstream, powers)
         zero = local == 0
         ratio = local / torch.where(zero, torch.ones_like(total), total)
         scale = torch.where(zero, torch.zeros_like(ratio), ratio.pow(ctx.p - 1))
-        return _replicated_locally(grad).to(local.dtype) * scale, None, None, None
+        return upstream * scale, None, None, None, None
 
 
 class _ExtremumPartialResult(torch.autograd.Function):
@@ -509,3 +780,30 @@ class _ExtremumPartialResult(torch.autograd.Function):
         total = _unsharded(hits, ctx.mesh, _partial_sum_placements(ctx.placements)).full_tensor()
         share = hits / total.clamp_min(1)
         return (_replicated_locally(grad).to(local.dtype) * share, None, None, None, *([None] * len(shards)))
+
+
+# ---- per-tensor shares of whole-list reductions -----------------------------------------
+
+def penalty_entries(local: list, arguments: dict, dtensors: list) -> Tensor:
+    """Per tensor, ``c_i * (l1 * ||t_i||_1 + l2 * ||t_i||_2**2)`` of its local shard, from one
+    fused read (``L1_L2``): :func:`regfuse.penalty`'s value, one entry per tensor."""
+    from . import backends, ops
+    from .api import _builds_graph, _weights
+    from .backends.base import Reduction
+    from .validation import check_nonnegative, inspect
+    l1 = check_nonnegative("l1", arguments["l1"])
+    l2 = check_nonnegative("l2", arguments["l2"])
+    backend = arguments["backend"]
+    backends.check_backend_name(backend)
+    info = inspect(local)
+    weights = _weights((l1, l2), arguments["coefficients"], len(local), info)
+    if _builds_graph(info):
+        l1_l2 = ops.reduce_with_grad(local, Reduction.L1_L2, None, backend)
+    else:
+        l1_l2 = ops.run_reduce(local, Reduction.L1_L2, None, backend, info)
+    return weights[0] * l1_l2[0] + weights[1] * l1_l2[1].square()
+
+
+def total(values: Tensor, arguments: dict) -> Tensor:
+    """The sum of the per-tensor values: the ``finish`` of a sum over the list."""
+    return values.sum()

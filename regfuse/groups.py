@@ -17,12 +17,13 @@ per row (each group's shrink factor) is block soft-thresholding.
 Groups along another ``dim`` go through a contiguous ``movedim(dim, 0)`` copy (written
 back by the in-place op): one extra pass over those tensors.
 
-DTensors (FSDP2): every function runs on the local shards (:mod:`regfuse.distributed`).
-FSDP2 shards dim 0, so each rank holds whole groups along dim 0: the norms are then
-sharded like the groups (``Shard(0)``), the penalty a ``Partial("sum")``, and the
-proximal step updates the local groups with no communication. Groups split over the
-ranks (a ``dim`` along which a tensor is not sharded) are gathered first by the
-reductions and refused by the in-place ops.
+DTensors (FSDP2, tensor parallelism): every function runs on the local shards
+(:mod:`regfuse.distributed`). FSDP2 shards dim 0, so each rank holds whole groups along
+dim 0: the norms are then sharded like the groups, the penalty is the global value (a
+plain tensor), and the proximal step updates the local groups with no communication.
+Groups split over the ranks (a ``dim`` along which a tensor is not sharded) give partial
+norms (reduced when asked for) and, in the penalty, one all-reduce of one partial sum
+per group, never a gather of the tensors; the in-place ops refuse them.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from .api import (Coefficients, TensorList, _builds_graph, _coefficients,
                   _grads_to_update, _in_place_target, _norm_reduction, _weights)
 from .backends.base import Reduction, row_counts
 from .device_cache import DeviceCache, upload
-from .distributed import SUM, dtensor_aware, norm_combination
+from .distributed import (SUM, _process_groups, _split_dims, _SumAcross, count_once, dtensor_aware,
+                          norm_combination, total)
 from .validation import ListInfo, as_list, bump_versions, check_nonnegative, inspect
 
 __all__ = ["group_norms", "group_penalty", "prox_group_lasso_"]
@@ -145,7 +147,59 @@ def group_norms(tensors: TensorList, *, dim: int = 0, p: float = 2,
     return list(_reduce_rows(groups, op, backend, info, order).split(row_counts(groups)))
 
 
-@dtensor_aware(reduce=SUM, slices=lambda args: args["dim"])
+def _group_penalty_entries(local: list[Tensor], arguments: dict, dtensors: list) -> Tensor:
+    """Per tensor, its share of :func:`group_penalty` from the local shards, in one launch.
+
+    Where a tensor's groups are split over the ranks (sharded along another dimension than
+    ``dim``), the groups' partial sums of squares are all-reduced over the splitting mesh
+    dimensions (one all-reduce of one number per group, not a gather), the group term is
+    then counted on one rank of them (its gradient reaches every rank) and the L1 term
+    stays a partial sum; ``sqrt(group size)`` is that of the whole group.
+    """
+    weight = check_nonnegative("weight", arguments["weight"])
+    l1 = check_nonnegative("l1", arguments["l1"])
+    backend = arguments["backend"]
+    backends.check_backend_name(backend)
+    dims = _group_dims(local, arguments["dim"])
+    info = inspect(local)
+    per_tensor = _weights((weight, l1), arguments["coefficients"], len(local), info)
+    groups = _as_rows(local, dims)
+    counts = row_counts(groups)
+    group_weight, group_l1 = _per_group(per_tensor, groups, (False, False))
+    if arguments["scale_by_size"]:
+        whole_shapes = [(t if d is None else d).shape for t, d in zip(local, dtensors)]
+        sizes = [math.sqrt(math.prod(shape) // shape[k]) if shape and shape[k] else 1.0
+                 for shape, k in zip(whole_shapes, dims)]
+        group_weight = group_weight * torch.tensor(sizes, dtype=group_weight.dtype).to(
+            group_weight.device).repeat_interleave(torch.tensor(counts).to(group_weight.device))
+    if l1 == 0:
+        l1_norms, l2_norms = None, _reduce_rows(groups, Reduction.L2, backend, info)
+    else:
+        l1_norms, l2_norms = _reduce_rows(groups, Reduction.L1_L2, backend, info)
+    squares = list(l2_norms.square().split(counts))
+    split = {}
+    for i, d in enumerate(dtensors):
+        k = _split_dims(d, dims[i]) if d is not None else []
+        if k:
+            split.setdefault((d.device_mesh, tuple(k)), []).append(i)
+    once = [True] * len(local)
+    for (mesh, k), members in split.items():
+        reduced = _SumAcross.apply(torch.cat([squares[i] for i in members]),
+                                   _process_groups(mesh, k)).split([counts[i] for i in members])
+        for i, r in zip(members, reduced):
+            squares[i] = r
+            once[i] = all(mesh.get_coordinate()[j] == 0 for j in k)
+    whole = torch.cat(squares)
+    norms = torch.where(whole != 0, whole.clamp_min(torch.finfo(whole.dtype).tiny).sqrt(), torch.zeros_like(whole))
+    group_terms = torch.stack([g.sum() for g in (group_weight * norms).split(counts)])
+    terms = count_once(group_terms, once)
+    if l1_norms is not None:
+        terms = terms + torch.stack([g.sum() for g in (group_l1 * l1_norms).split(counts)])
+    return terms
+
+
+@dtensor_aware(reduce=SUM, slices=lambda args: args["dim"], entries=_group_penalty_entries,
+               finish=total, loss_term=True)
 def group_penalty(tensors: TensorList, weight: float, *, dim: int = 0, l1: float = 0.0,
                   scale_by_size: bool = True, coefficients: Coefficients = None,
                   backend: str = "auto") -> Tensor:

@@ -84,7 +84,8 @@ class ProximalStep:
                     raise ValueError(f"regfuse: params element {i} (shape {tuple(p.shape)}) is not "
                                      "a parameter of the optimizer")
             self._selected = {id(p) for p in selected}
-        _group_dims(selected, dim)  # a bad dim is refused now, not after an update
+        if self.group_lasso > 0:  # the only step that uses dim: a bad one is refused now
+            _group_dims(selected, dim)
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:

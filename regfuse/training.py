@@ -24,7 +24,6 @@ from torch.autograd import Variable
 
 from . import backends
 from .api import add_penalty_grad_, penalty
-from .distributed import is_dtensor
 from .groups import _group_dims, add_group_penalty_grad_, group_penalty
 from .validation import as_list, check_nonnegative
 
@@ -316,9 +315,6 @@ class WeightRegularizer:
                 raise TypeError(f"regfuse: attach() cannot follow FullyShardedDataParallel (FSDP1) "
                                 f"parameters (parameter {i} is flattened by it); use FSDP2 "
                                 "(torch.distributed.fsdp.fully_shard), or penalty() in the loss")
-        if len({is_dtensor(p) for p in self.params}) > 1:
-            raise TypeError("regfuse: attach() got DTensor and plain parameters mixed (a model "
-                            "only partly under fully_shard); attach one WeightRegularizer per kind")
         handles = [p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
                    for p in self.params]
         self._attached = _GradientHookHandle(self, handles)

@@ -31,7 +31,7 @@ from torch.distributed.tensor._ops._math_ops import _NormPartial
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import regfuse
-from regfuse.distributed import SUM, dtensor_aware
+from regfuse.distributed import SUM, NormPartial, dtensor_aware
 
 WORLD_SIZE = 2
 CONFIGS = ("dtensor", "ddp-copy", "ddp-view", "fsdp2")
@@ -40,10 +40,11 @@ L1, L2 = 0.01, 0.1
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 
-def check(*configs: str):
+def check(*configs: str, registry: dict = CHECKS):
+    """Registers a check under ``config/name`` for each of ``configs``."""
     def register(fn):
         for config in configs:
-            CHECKS[f"{config}/{fn.__name__}"] = fn
+            registry[f"{config}/{fn.__name__}"] = fn
         return fn
     return register
 
@@ -276,11 +277,11 @@ def penalty_with_coefficients(env: Env) -> None:
         plain = [t.clone().requires_grad_() for t in tensors()]
         sharded = [env.shard(t).requires_grad_() for t in tensors()]
         out = regfuse.penalty(sharded, L1, L2, coefficients=coefficients)
-        assert out.placements == (Partial("sum"),), out.placements
+        assert type(out) is torch.Tensor, type(out)  # a loss term: the global value, plain
         expected = plain_penalty(plain, coefficients=[float(c) for c in coefficients])
         close(out, expected, "penalty")
         expected.backward()
-        out.full_tensor().backward()
+        out.backward()
         for i, (d, t) in enumerate(zip(sharded, plain)):
             close(d.grad, t.grad, f"penalty gradient of tensor {i}")
 
@@ -291,8 +292,7 @@ def replicated_and_mixed_placements(env: Env) -> None:
     plain = [t.clone().requires_grad_() for t in tensors()]
     replicated = [env.shard(t, Replicate()).requires_grad_() for t in tensors()]
     out = regfuse.penalty(replicated, L1, L2)
-    assert out.placements == (Replicate(),), out.placements
-    close(out.to_local(), plain_penalty(plain), "penalty of replicated tensors (local value)")
+    close(out, plain_penalty(plain), "penalty of replicated tensors (counted once)")
     # Shard(0), Shard(1) and Replicate in one list (tensor parallelism): one launch per
     # result placement, combined into a replicated result; gradients keep each placement.
     placements = [Shard(0), Replicate(), Shard(1), Shard(1), Replicate()]
@@ -315,7 +315,7 @@ def replicated_and_mixed_placements(env: Env) -> None:
     out = regfuse.penalty(mixed, L1, L2, coefficients=(c for c in coefficients))  # any iterable
     expected = plain_penalty(plain, coefficients=coefficients)
     close(out, expected, "penalty of mixed placements")
-    out.full_tensor().backward()
+    out.backward()
     expected.backward()
     for i, (d, t) in enumerate(zip(mixed, plain)):
         close(d.grad, t.grad, f"penalty gradient of tensor {i}")
@@ -331,7 +331,7 @@ def partial_input_is_reduced_first(env: Env) -> None:
 
 # Functions on whole slices (the shape of group norms and the group lasso), written for
 # plain 2-D tensors and made DTensor-aware by one decorator line each.
-@dtensor_aware(reduce=SUM, per_tensor="list", slices=lambda args: args["dim"])
+@dtensor_aware(reduce=NormPartial(2.0), per_tensor="list", slices=lambda args: args["dim"])
 def slice_norms(tensors, dim=0):
     return [torch.linalg.vector_norm(t, dim=1 - dim) for t in tensors]
 
@@ -350,7 +350,7 @@ def normalize_slices_(tensors, dim=0):
 @check("dtensor")
 def functions_on_whole_slices(env: Env) -> None:
     matrices = [tensors()[i] for i in (0, 2, 3)]  # (5, 3), (1, 4), (3, 2): uneven rows
-    for dim, placement in ((0, Shard(0)), (1, Replicate())):  # Shard(0) splits columns
+    for dim, placement in ((0, Shard(0)), (1, _NormPartial(2.0))):  # Shard(0) splits columns
         plain = [t.clone().requires_grad_() for t in matrices]
         sharded = [env.shard(t).requires_grad_() for t in matrices]
         got = slice_norms(sharded, dim=dim)
@@ -384,9 +384,9 @@ def functions_on_whole_slices(env: Env) -> None:
 @check("dtensor")
 def group_ops_on_dtensors(env: Env) -> None:
     # FSDP2's Shard(0) leaves every rank whole groups along dim 0 (rows): local launches;
-    # along dim 1 the groups are split, so the reductions gather them first.
+    # along dim 1 the groups are split: partial per-group norms, reduced when asked for.
     matrices = [tensors()[i] for i in (0, 2, 3)] + [tensors()[1]]  # (5, 3), (1, 4), (3, 2), (7,)
-    for dim, placement in ((0, Shard(0)), (-1, Replicate())):
+    for dim, placement in ((0, Shard(0)), (-1, _NormPartial(2.0))):
         plain = [t.clone().requires_grad_() for t in matrices]
         sharded = [env.shard(t).requires_grad_() for t in matrices]
         got = regfuse.group_norms(sharded, dim=dim)
@@ -443,6 +443,13 @@ def in_place_ops_on_shards(env: Env) -> None:
         close(d.grad, t.grad, f"add_penalty_grad_ of tensor {i}")
 
 
+class UnknownPlacement(Replicate):
+    """A placement regfuse does not know: neither sharding, replicating nor partial."""
+
+    def is_replicate(self) -> bool:
+        return False
+
+
 @check("dtensor")
 def clear_errors_before_anything_runs(env: Env) -> None:
     sharded = [nn.Parameter(env.shard(t)) for t in tensors()]
@@ -458,12 +465,9 @@ def clear_errors_before_anything_runs(env: Env) -> None:
 
     raises(TypeError, lambda: regfuse.norms(sharded[0]), "single Tensor")
     raises(TypeError, lambda: regfuse.prox_l1_(sharded[0], 0.1), "single Tensor")
-    raises(TypeError, lambda: regfuse.norms([sharded[0], torch.ones(3)]), "all DTensors")
-    raises(TypeError, lambda: regfuse.penalty([torch.ones(3), sharded[0]], L1), "DTensor")
-    raises(TypeError, lambda: regfuse.prox_l1_([torch.ones(3), sharded[0]], 0.1), "DTensor")
-    other_mesh = DeviceMesh("cpu", list(reversed(range(WORLD_SIZE))))
-    moved = distribute_tensor(torch.ones(4), other_mesh, [Shard(0)])
-    raises(ValueError, lambda: regfuse.norms([sharded[0], moved]), "device meshes")
+    unknown = DTensor.from_local(torch.ones(3), env.mesh, [UnknownPlacement()], run_check=False)
+    raises(NotImplementedError, lambda: regfuse.norms([sharded[0], unknown]), "UnknownPlacement")
+    raises(NotImplementedError, lambda: regfuse.prox_l1_([sharded[0], unknown], 0.1), "UnknownPlacement")
     mixed = [sharded[0], env.shard(torch.ones(3), Replicate())]
     raises(ValueError, lambda: regfuse.penalty(mixed, L1, coefficients=[1.0, 2.0, 3.0]), "coefficients")
     raises(ValueError, lambda: regfuse.penalty(mixed, L1, coefficients=torch.ones(2, 1)), "coefficients")
@@ -645,6 +649,41 @@ def norms_report_and_prox_of_model(env: Env) -> None:
         assert math.isclose(r.l1, e.l1, rel_tol=1e-5) and math.isclose(r.l2, e.l2, rel_tol=1e-5), (r, e)
 
 
+WRAPPINGS = ("blocks and root", "root only", "blocks only, root parameters")
+
+
+def wrapped(env: Env, how: str) -> nn.Module:
+    """FSDP2 three ways: every Linear and the root; the root alone (its parameters stay
+    unsharded plain tensors after the forward); the first two Linears with the last one
+    left to the root (torchtitan's layout: DTensors and plain parameters mixed)."""
+    model = MLP()
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    blocks = {"blocks and root": linears, "root only": [],
+              "blocks only, root parameters": linears[:2]}[how]
+    for layer in blocks:
+        fully_shard(layer, mesh=env.mesh)
+    return fully_shard(model, mesh=env.mesh)
+
+
+@check("ddp-copy", "fsdp2")
+def loss_terms_join_a_plain_loss(env: Env) -> None:
+    # loss + penalty(model.parameters()) + group_penalty + WeightRegularizer.penalty(), no
+    # .full_tensor(): the oracle's gradients under DDP and FSDP2's three wrappings.
+    def terms(model):
+        return (regfuse.penalty(model.parameters(), L1, L2)
+                + regfuse.group_penalty([p for p in model.parameters() if p.dim() == 2], 0.05, l1=L1)
+                + regfuse.WeightRegularizer(model, l2=L2).penalty())
+    expected = oracle_grads(lambda m, x: terms(m))[1]
+    for how in (WRAPPINGS if env.config == "fsdp2" else ("ddp",)):
+        model = wrap(env, MLP()) if how == "ddp" else wrapped(env, how)
+        x, y = data()
+        loss = nn.functional.mse_loss(model(env.batch(x)), env.batch(y))
+        term = terms(inner(model))
+        assert type(term) is torch.Tensor, (how, type(term))
+        (loss + term).backward()
+        compare_grads(model, expected, f"{how}: loss + the loss terms")
+
+
 @check("ddp-copy", "fsdp2")
 def grad_norms_of_model(env: Env) -> None:
     _, expected = oracle_grads()
@@ -675,18 +714,19 @@ def example_ddp_fsdp(env: Env) -> None:
 
 # ---- the worker -----------------------------------------------------------------------------
 
-def run(rank: int, world_size: int, port: int, out: str) -> None:
+def run(rank: int, world_size: int, port: int, out: str, checks: dict = CHECKS,
+        make_env: Callable = lambda config, rank, world_size: Env(
+            config, rank, init_device_mesh("cpu", (world_size,)))) -> None:
     """Runs every check, writing the outcomes so far to ``out`` after each one."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=30))
     results: dict = {}
     try:
-        mesh = init_device_mesh("cpu", (world_size,))
-        for name, fn in CHECKS.items():
+        for name, fn in checks.items():
             MISMATCHES.clear()
             try:
-                fn(Env(name.split("/")[0], rank, mesh))
+                fn(make_env(name.split("/")[0], rank, world_size))
                 results[name] = "\n".join(MISMATCHES) or None
             except Exception:  # reported to the test, which fails with it
                 results[name] = "\n".join([*MISMATCHES, traceback.format_exc()])

@@ -162,6 +162,7 @@ def test_bad_arguments_are_refused(device):
     with pytest.raises(IndexError, match="tensor 1"):
         regfuse.ProximalStep(optimizer, group_lasso=1.0, dim=1)
     regfuse.ProximalStep(optimizer, group_lasso=1.0, dim=1, params=[w]).remove()  # fine without the bias
+    regfuse.ProximalStep(optimizer, l1=1.0, dim=1).remove()  # dim is unused without the group lasso
     with pytest.raises(ValueError, match="not a parameter of the optimizer"):
         regfuse.ProximalStep(optimizer, l1=1.0, params=[torch.randn(3)])
     with pytest.raises(ValueError, match="l1"):
