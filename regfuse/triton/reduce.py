@@ -192,6 +192,8 @@ def _entry_results(total, second_total, entries, weights, p, num_tensors, mask, 
 
 @triton.jit
 def _store_results(out, entries, result, second_result, num_tensors, mask, OP: tl.constexpr):
+    """``out[entries] = result`` where ``mask`` (and ``second_result`` into the second row of
+    ``OP_L1_L2``)."""
     tl.store(out + entries, result, mask=mask)
     if OP == OP_L1_L2:
         tl.store(out + num_tensors + entries, second_result, mask=mask)
@@ -242,17 +244,19 @@ def _reduce_chunk(meta, partials, weights, out, counters, chunk, p, num_tensors,
     end = tl.load(meta + 3 * num_tensors + tensor + 1)
     if _arrive_last(counters + tensor, end - begin):
         total, second_total = _combine_entry(partials, begin, end, num_chunks, OP, COMBINE_BLOCK, ACC)
+        always = tensor < num_tensors  # the mask of the helpers' block form, for one entry
         total, second_total = _entry_results(total, second_total, tensor, weights, p, num_tensors,
-                                             tensor < num_tensors, OP)
-        _store_results(out, tensor, total, second_total, num_tensors, tensor < num_tensors, OP)
+                                             always, OP)
+        _store_results(out, tensor, total, second_total, num_tensors, always, OP)
 
 
 @triton.jit
 def _finish_launch(meta, out, weights, p, num_tensors, OP: tl.constexpr, BLOCK: tl.constexpr,
                    ACC: tl.constexpr):
     """What the launch's last program does once every entry that owns a chunk has its
-    result: the results of the empty entries (their partials' identity) and, for
-    ``OP_PENALTY``, the sum of the weighted terms in entry order into ``out[num_tensors]``."""
+    result: the results of the empty entries (from the identity: they own no partial) and,
+    for ``OP_PENALTY``, the sum of the weighted terms, in a fixed order, into
+    ``out[num_tensors]``."""
     total = tl.zeros([BLOCK], dtype=ACC)
     for block_start in range(0, num_tensors, BLOCK):
         entries = block_start + tl.arange(0, BLOCK)
@@ -292,7 +296,8 @@ def _reduce_kernel(
         _reduce_chunk(meta, partials, weights, out, counters, chunk, p, num_tensors, num_chunks,
                       OP, CHUNK, BLOCK, COMBINE_BLOCK, ACC)
     if _arrive_last(counters + num_tensors, tl.num_programs(0)):
-        _finish_launch(meta, out, weights, p, num_tensors, OP, COMBINE_BLOCK, ACC)
+        # Entries per step as elements per step: a list of thousands takes a few steps.
+        _finish_launch(meta, out, weights, p, num_tensors, OP, BLOCK, ACC)
 
 
 def _float64_bits(value: float) -> int:
