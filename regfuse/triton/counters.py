@@ -7,18 +7,18 @@ that completes the count does the combining and sets the counter back to zero
 it is made, provided that no two launches that may run at the same time share it:
 
 - Eager launches: one buffer per device and stream, since the launches queued on one
-  stream run one after another; on the CPU (the interpreter runs a launch to its end in
-  the calling thread) one per thread. A launch that needs more counters than the buffer
-  holds replaces it with a larger one. A replaced or evicted buffer goes back to the
-  caching allocator on the stream it was made on, whose next user there is ordered after
-  the launches that used it (as in :mod:`regfuse.device_cache`).
+  stream run one after another (on the CPU one buffer: Triton's interpreter runs one
+  launch at a time, its grid state being global). A launch that needs more counters than
+  the buffer holds replaces it with a larger one. A replaced or evicted buffer goes back
+  to the caching allocator on the stream it was made on, whose next user there is
+  ordered after the launches that used it (as in :mod:`regfuse.device_cache`).
 - Launches captured into a CUDA graph: each gets its own buffer, allocated during the
   capture like the launch's partials, so it is graph memory used by that one kernel
   node: graphs replayed at the same time on any streams, or a graph and eager launches,
   never share a counter. A buffer shared with the capturing stream's eager launches (as
   :class:`~regfuse.device_cache.DeviceCache` shares its read-only tables) would race
-  with them. Its zeroing is captured with it, one small memset node per captured
-  reduction, which also makes every replay start from zero.
+  with them. Its zeroing is captured with it (one small extra node per captured
+  reduction), which also makes every replay start from zero.
 """
 from __future__ import annotations
 
@@ -32,15 +32,15 @@ from torch import Tensor
 
 from ..device_cache import current_stream
 
-_CAPACITY = 64  # streams (or CPU threads) with a buffer
+_CAPACITY = 64  # streams with a buffer
 _MIN_SIZE = 256  # counters in a new buffer: most lists never grow it
 
 _lock = threading.Lock()
-_buffers: collections.OrderedDict = collections.OrderedDict()  # (device, stream or thread) -> Tensor
+_buffers: collections.OrderedDict = collections.OrderedDict()  # (device, stream) -> Tensor
 
 
 def _eager_buffer(device: torch.device, stream: int, count: int) -> Tensor:
-    key = (device, stream if device.type == "cuda" else threading.get_ident())
+    key = (device, stream)
     with _lock:
         buffer = _buffers.get(key)
         if buffer is None or buffer.numel() < count:
