@@ -50,7 +50,7 @@ TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
 POINTER_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
                  torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
 # Kernels whose full chunks of aligned tensors must use 16-byte accesses, and which ones.
-VECTOR_ACCESSES = {"_partials_kernel": ("ld",), "_grad_kernel": ("ld", "st"), "_update_kernel": ("ld", "st")}
+VECTOR_ACCESSES = {"_reduce_kernel": ("ld",), "_grad_kernel": ("ld", "st"), "_update_kernel": ("ld", "st")}
 _VECTOR = r"{}\.global(?:\.[\w:]+)*\.(?:v4\.(?:b32|f32|u32)|v2\.(?:b64|f64|u64))"
 
 

@@ -27,9 +27,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class LaunchConfig(NamedTuple):
-    chunk_size: int  # elements per program of the element-wise and stage-1 kernels
+    chunk_size: int  # elements per program
     block: int  # elements per vectorized step inside a chunk
-    combine_block: int  # partials per step of the per-tensor combine kernel
+    combine_block: int  # partials per step when a reduction combines those of one entry
     num_warps: int
 
 
