@@ -20,7 +20,8 @@ from .distributed import SUM, dtensor_aware, norm_combination, replicated_value
 from .validation import (_C, ListInfo, as_list, bump_versions, check_distinct, check_max_norm,
                          check_nonnegative, check_readable, inspect)
 
-TensorList = Union[Iterable[Tensor], Sequence[Tensor]]
+# One tensor or any iterable of tensors (a list, model.parameters()), as torch's utilities take.
+TensorList = Union[Tensor, Iterable[Tensor]]
 Coefficients = Optional[Union[Sequence[float], Tensor]]
 
 __all__ = ["norms", "total_norm", "penalty", "add_penalty_grad_", "prox_l1_", "clip_grad_norm_",
@@ -162,8 +163,9 @@ def norms(tensors: TensorList, p: float = 2, *, squared: bool = False, backend: 
     """Per-tensor norms of a list of tensors in one fused pass.
 
     Args:
-        tensors: tensors on one device (any mix of float32/float16/bfloat16/float64, any
-            shapes, empty, 0-d and non-contiguous tensors included).
+        tensors: one tensor or an iterable of tensors on one device (any mix of
+            float32/float16/bfloat16/float64, any shapes, empty, 0-d and non-contiguous
+            tensors included).
         p: the order, as ``torch.linalg.vector_norm`` takes it: any ``p > 0`` (1, 2 and
             ``inf`` have their own kernels, every other ``p`` one general kernel), ``0``
             (the number of nonzero elements) or ``float('-inf')`` (``min |x|``).
@@ -203,11 +205,6 @@ def _per_tensor_norms(tensors: list[Tensor], op: Reduction, order: float, backen
     return ops.run_reduce(tensors, op, None, backend, info, p=order)
 
 
-def _one_or_many(tensors: "TensorList | Tensor") -> list[Tensor]:
-    """A list from one tensor or an iterable of them, as torch's norm utilities take it."""
-    return [tensors] if isinstance(tensors, Tensor) else as_list(tensors)
-
-
 def _combined_norm(tensors: list[Tensor], order: float, backend: str, info: ListInfo) -> Tensor:
     """The ``order``-norm of every element of ``tensors`` together, a 0-d tensor.
 
@@ -238,7 +235,7 @@ def _check_total_finite_of(total: Tensor, arguments: dict) -> None:
 
 @dtensor_aware(reduce=lambda args: norm_combination(args["p"]),
                global_checks={"error_if_nonfinite": _check_total_finite_of})
-def total_norm(tensors: "TensorList | Tensor", p: float = 2, *, error_if_nonfinite: bool = False,
+def total_norm(tensors: TensorList, p: float = 2, *, error_if_nonfinite: bool = False,
                backend: str = "auto") -> Tensor:
     """The ``p``-norm of all the tensors together, as ``torch.nn.utils.get_total_norm``.
 
@@ -270,7 +267,7 @@ def total_norm(tensors: "TensorList | Tensor", p: float = 2, *, error_if_nonfini
         on every rank: their total norm is already the global one (no all-reduce, which
         would count it ``world_size`` times).
     """
-    tensors = _one_or_many(tensors)
+    tensors = as_list(tensors)
     order = _norm_order(p)
     backends.check_backend_name(backend)
     if not tensors:

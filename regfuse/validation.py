@@ -106,14 +106,17 @@ def inspect(tensors: list) -> ListInfo:
 
 
 def as_list(tensors: "Iterable[Tensor] | Tensor") -> list:
-    """Materialize the user's iterable (a generator such as ``model.parameters()`` too)."""
+    """The user's tensors as a list: one tensor, or any iterable of them (a generator
+    such as ``model.parameters()`` too), as torch's utilities take them."""
+    if isinstance(tensors, list):  # the common case: a shallow copy, no iteration in Python
+        return tensors.copy()
     if isinstance(tensors, Tensor):
-        raise TypeError("regfuse: expected a list or iterable of tensors, got a single Tensor; "
-                        "wrap it in a list")
+        return [tensors]
     try:
         return list(tensors)
     except TypeError:
-        raise TypeError(f"regfuse: expected an iterable of tensors, got {type(tensors).__name__}") from None
+        raise TypeError(f"regfuse: expected a tensor or an iterable of tensors, got "
+                        f"{type(tensors).__name__}") from None
 
 
 def check_nonnegative(name: str, value: float) -> float:
