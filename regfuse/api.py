@@ -17,8 +17,8 @@ from . import backends, ops
 from .backends.base import Reduction
 from .device_cache import DeviceCache, upload
 from .distributed import SUM, dtensor_aware, norm_combination, replicated_value
-from .validation import (_C, ListInfo, as_list, bump_versions, check_distinct, check_max_norm,
-                         check_nonnegative, check_readable, inspect)
+from .validation import (ListInfo, as_list, bump_versions, check_distinct, check_max_norm,
+                         check_nonnegative, check_readable, inspect, native_extension)
 
 # One tensor or any iterable of tensors (a list, model.parameters()), as torch's utilities take.
 TensorList = Union[Tensor, Iterable[Tensor]]
@@ -328,7 +328,8 @@ def _grads_to_update(params: list[Tensor], what: str) -> list[Tensor]:
     Call it last among the checks of an op that adds to gradients (``what``, for the
     messages): it sets ``.grad``.
     """
-    if not (_C is not None and _C.grads_ready(params)):  # else: the common case, checked natively
+    extension = native_extension()
+    if not (extension is not None and extension.grads_ready(params)):  # else: the common case, checked natively
         grads = _check_grads(params)
         # Every check has passed: from here on the parameters' gradients may change.
         for p, g in zip(params, grads):
@@ -348,8 +349,15 @@ def _in_place_target(params: TensorList, backend: str, what: str) -> tuple[list,
     info = inspect(params)
     ops.refuse_transforms(what, params)
     check_distinct(params)
-    backends.resolve(backend, info.device)  # raises now, before anything is modified
+    _check_available(backend, info)
     return params, info
+
+
+def _check_available(backend: str, info: ListInfo) -> None:
+    """Raise now, before anything is modified, if ``backend`` cannot run the list (when
+    traced, the custom op raises as the graph runs, also before any change)."""
+    if not torch.compiler.is_compiling():
+        backends.resolve(backend, info.device)
 
 
 def _run_in_place(custom_op, run, modified: Sequence[Tensor], args: tuple, info: ListInfo) -> None:
@@ -401,7 +409,8 @@ def prox_l1_(params: TensorList, threshold: float, *, coefficients: Coefficients
 
 def _gradients(parameters: list) -> list[Tensor]:
     """The ``.grad`` of every parameter that has one, in order."""
-    grads = _C.defined_grads(parameters) if _C is not None else None
+    extension = native_extension()
+    grads = extension.defined_grads(parameters) if extension is not None else None
     if grads is not None:
         return grads
     try:
@@ -473,7 +482,7 @@ def _clip_(grads: list[Tensor], max_norm: float, total: Tensor, *, backend: str)
     info = inspect(grads)
     ops.refuse_transforms("clip_grad_norm_", grads)
     check_distinct(grads)
-    backends.resolve(backend, info.device)  # raises now, before anything is modified
+    _check_available(backend, info)
     # torch's coefficient, formula for formula; clamping (not branching) keeps it on the device.
     coefficient = torch.clamp(max_norm / (total.to(info.device) + 1e-6), max=1.0)
     factors = coefficient.to(info.acc_dtype).expand(len(grads)).contiguous()

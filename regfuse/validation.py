@@ -18,6 +18,13 @@ try:
 except ImportError:  # the package must work (reference backend) without the extension
     _C = None
 
+def native_extension():
+    """The extension for a native pass, or ``None`` where the Python pass runs instead:
+    without a build, and while ``torch.compile`` traces (dynamo cannot trace into the
+    extension, and its tensors are fakes without data)."""
+    return None if _C is None or torch.compiler.is_compiling() else _C
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -95,9 +102,10 @@ def check_readable(t: Tensor, what: str) -> None:
 def inspect(tensors: list) -> ListInfo:
     """Check a non-empty tensor list and summarize it (native pass where built)."""
     _check_not_empty(tensors)
-    if _C is None or torch.compiler.is_compiling():  # the compiler traces the Python pass
+    extension = native_extension()
+    if extension is None:  # the compiler traces the Python pass
         return inspect_py(tensors)
-    summary = _C.inspect(tensors)
+    summary = extension.inspect(tensors)
     if summary is None:  # something is wrong: the Python pass says exactly what
         return inspect_py(tensors)
     acc_double, requires_grad, contiguous = summary
@@ -153,7 +161,12 @@ def _first_overlap_py(tensors: list) -> "tuple[int, int] | None":
 
 
 def check_distinct(tensors: list) -> None:
-    """Refuse a list that names the same memory twice: an in-place op would race with itself."""
+    """Refuse a list that names the same memory twice: an in-place op would race with itself.
+
+    Not while ``torch.compile`` traces (fakes have no addresses): the custom op checks
+    the real tensors when the compiled graph runs it (:mod:`regfuse.ops`)."""
+    if torch.compiler.is_compiling():
+        return
     overlap = _first_overlap_py(tensors) if _C is None else _C.first_overlap(tensors)
     if overlap is not None:
         i, j = overlap
@@ -185,8 +198,9 @@ def check_gradients(grads: list, params: list, native: bool = True) -> None:
     """Gradients an op writes into: one per tensor, each dense and shaped, typed and placed
     like its tensor (a native pass where built, unless ``native=False``: fake tensors with
     symbolic shapes have no native sizes)."""
-    if native and _C is not None:
-        _C.check_gradients(list(grads), list(params))
+    extension = native_extension() if native else None
+    if extension is not None:
+        extension.check_gradients(list(grads), list(params))
         return
     if len(grads) != len(params):
         raise ValueError(f"regfuse: {len(grads)} gradients for {len(params)} tensors; "
