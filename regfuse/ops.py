@@ -34,7 +34,8 @@ from torch import Tensor
 from . import backends
 from .backends import reference
 from .backends.base import Reduction, row_counts
-from .validation import (ListInfo, check_gradients, check_per_tensor, inspect, inspect_py)
+from .validation import (ListInfo, check_distinct, check_gradients, check_per_tensor, inspect,
+                         inspect_py)
 
 
 # The reductions whose gradient is not ``a * sign(x) + b * x``: always PyTorch ops.
@@ -176,6 +177,7 @@ def run_add_grad_(grads: Sequence[Tensor], params: Sequence[Tensor], weights: Te
     if info is None:
         info = inspect(params)
         _check_add_grad(grads, params, weights, info)
+        check_distinct(grads)
     impl = backends.resolve(backend, info.device)
     work = [g if g.is_contiguous() else g.contiguous() for g in grads]
     with torch.no_grad():
@@ -189,9 +191,10 @@ def _run_per_tensor_(tensors: Sequence[Tensor], values: Tensor, backend: str,
     """Runs the backend's in-place ``kernel(tensors, values)``, ``values`` one number per
     tensor (or per row, with ``rows=True`` in ``kernel_kwargs``; accumulation dtype), on
     contiguous stand-ins copied back where needed."""
-    if info is None:
+    if info is None:  # the custom op, also as a compiled graph runs it: check it all here
         info = inspect(tensors)
         check(tensors, values, info)
+        check_distinct(tensors)
     impl = backends.resolve(backend, info.device)
     work = _contiguous(tensors, info)
     with torch.no_grad():

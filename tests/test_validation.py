@@ -120,6 +120,21 @@ def test_a_single_tensor_is_a_list_of_one(op):
     assert op != "prox_l1_" or not torch.equal(alone.detach(), t.detach())
 
 
+def test_custom_ops_refuse_aliased_tensors(backend, device):
+    # What regfuse.api checks before calling them, checked again by the ops themselves: a
+    # compiled graph calls them without that pass (its tracing sees no memory).
+    t = torch.randn(6, device=device)
+    values = torch.ones(2, device=device)
+    for call in (lambda: torch.ops.regfuse.prox_l1_([t, t[2:]], values, backend),
+                 lambda: torch.ops.regfuse.scale_([t[:4], t[3:]], values, backend),
+                 lambda: torch.ops.regfuse.add_grad_([t, t], [t.clone(), t.clone()],
+                                                     torch.ones(2, 2, device=device), backend)):
+        before = t.clone()
+        with pytest.raises(ValueError, match="share memory"):
+            call()
+        assert torch.equal(t, before)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_not_iterable(op):
     _assert_raises_and_keeps(op, 3, TypeError, "iterable")
