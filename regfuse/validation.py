@@ -7,6 +7,7 @@ Both raise the same exceptions with the same messages.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, NamedTuple, Sequence
 
@@ -70,11 +71,16 @@ def inspect_py(tensors: list) -> ListInfo:
     return ListInfo(device, acc_dtype, requires_grad, contiguous)
 
 
-def _traced(t: Tensor) -> bool:
-    """A tensor of the compiler's tracing (fake or functional): only shapes, no kernel runs."""
+@functools.lru_cache(maxsize=None)
+def _tracing_classes() -> tuple:
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
-    return isinstance(t, (FakeTensor, FunctionalTensor))
+    return FakeTensor, FunctionalTensor
+
+
+def is_traced(t: Tensor) -> bool:
+    """A tensor of the compiler's tracing (fake or functional): only shapes, no kernel runs."""
+    return isinstance(t, _tracing_classes())
 
 
 def check_readable(t: Tensor, what: str) -> None:
@@ -88,7 +94,7 @@ def check_readable(t: Tensor, what: str) -> None:
     """
     if t.is_nested:
         raise TypeError(f"regfuse: {what} is a nested tensor; dense (strided) tensors only")
-    if torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python) and not _traced(t):
+    if torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python) and not is_traced(t):
         kind = type(t)
         if kind.__name__ == "DTensor":
             reason = ("a DTensor where regfuse expects a plain tensor: the public functions take a "
@@ -105,7 +111,7 @@ def inspect(tensors: list) -> ListInfo:
     extension = native_extension()
     if extension is None:  # the compiler traces the Python pass
         return inspect_py(tensors)
-    summary = extension.inspect(tensors)
+    summary = extension.inspect(tensors if isinstance(tensors, list) else list(tensors))
     if summary is None:  # something is wrong: the Python pass says exactly what
         return inspect_py(tensors)
     acc_double, requires_grad, contiguous = summary
