@@ -3,14 +3,15 @@
 For every operation the providers compute the same thing on the same tensors:
 
 * ``naive``: the Python loop people write today (see the examples): a per-tensor
-  ``torch.norm`` stacked, ``sum(l1 * p.abs().sum() + l2 * (p * p).sum() ...)`` and, for
+  ``torch.norm`` stacked (and its ``vector_norm`` for the total norm), ``sum(l1 * p.abs().sum() + l2 * (p * p).sum() ...)`` and, for
   the in-place gradient, that same loss followed by ``backward()``; for the group lasso,
   ``sum(sqrt(size) * w.flatten(1).norm(dim=1).sum() ...)`` and its block soft-threshold
   ``w.mul_(clamp(1 - t * sqrt(size) / norms, min=0))`` per tensor;
 * ``naive_cat`` (penalties): the ``torch.cat([p.flatten() ...])`` variant;
 * ``naive_inplace`` (gradient update): ``p.grad += l1 * sign(p) + 2 * l2 * p`` per tensor;
 * ``foreach``: PyTorch's multi-tensor kernels (``torch._foreach_norm``, ``_foreach_add_``,
-  ``_foreach_sign``, ...); for gradient clipping, ``torch.nn.utils.clip_grad_norm_``
+  ``_foreach_sign``, ...); ``torch.nn.utils.get_total_norm(foreach=True)`` for the total
+  norm; for gradient clipping, ``torch.nn.utils.clip_grad_norm_``
   with ``foreach=True`` (``naive`` is the same with ``foreach=False``, its loop);
 * ``compile``: ``torch.compile`` of the naive loop;
 * ``lightning`` (per-layer gradient norms, where Lightning is installed):
@@ -85,6 +86,7 @@ class Op:
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("norms_p1", 1, False, False, False, ("params",), "per-tensor L1 norms"),
     Op("norms_p2", 1, False, False, False, ("params", "sweep"), "per-tensor L2 norms"),
+    Op("total_norm", 1, False, False, False, ("params",), "the L2 norm of the whole list"),
     Op("penalty", 1, False, False, False, ("params", "activations"),
        "l1 * L1 + l2 * squared L2, forward"),
     Op("penalty_fwd_bwd", 4, True, True, True, ("params",),
@@ -138,6 +140,14 @@ def _foreach_norms(p: int) -> Provider:
     def foreach(state: State) -> list[Tensor]:
         return torch._foreach_norm(state.tensors, p)
     return foreach
+
+
+def _stacked_total_norm(state: State) -> Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in state.tensors]))
+
+
+def _foreach_total_norm(state: State) -> Tensor:
+    return torch.nn.utils.get_total_norm(state.tensors, foreach=True)
 
 
 def _loop_penalty(state: State) -> Tensor:
@@ -270,6 +280,7 @@ def _loop_prox_group(state: State) -> None:
 _BASELINES: dict[str, dict[str, Provider]] = {
     "norms_p1": {"naive": _stacked_norms(1), "foreach": _foreach_norms(1)},
     "norms_p2": {"naive": _stacked_norms(2), "foreach": _foreach_norms(2)},
+    "total_norm": {"naive": _stacked_total_norm, "foreach": _foreach_total_norm},
     "penalty": {"naive": _loop_penalty, "naive_cat": _cat_penalty, "foreach": _foreach_penalty},
     "penalty_fwd_bwd": {"naive": _loop_penalty, "naive_cat": _cat_penalty,
                         "foreach": _foreach_penalty},
@@ -293,6 +304,8 @@ def _regfuse(op: Op, backend: str) -> Provider:
     if name.startswith("norms_p"):
         p = int(name[-1])
         return lambda s: regfuse.norms(s.tensors, p, backend=backend)
+    if name == "total_norm":
+        return lambda s: regfuse.total_norm(s.tensors, backend=backend)
     if name in ("penalty", "penalty_fwd_bwd"):
         return lambda s: regfuse.penalty(s.tensors, L1, L2, backend=backend)
     if name == "add_penalty_grad_":

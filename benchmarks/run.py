@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+import host_overhead
 import providers as prov
 import report
 import targets
@@ -71,6 +72,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="first check that every provider agrees with the naive loop")
     parser.add_argument("--markdown", type=Path, metavar="FILE",
                         help="also write the tables and targets as Markdown")
+    parser.add_argument("--host-overhead", action=argparse.BooleanOptionalAction, default=None,
+                        help="time per call on small lists with backend='auto', with and without "
+                             "Triton (host_overhead.py; default: on unless --workloads or --ops is given)")
+    parser.add_argument("--host-only", action="store_true",
+                        help="only the host-overhead section")
     parser.add_argument("--activation-batch", type=int, default=None,
                         help="batch of the captured activations (default 2 on CPU, 16 on CUDA)")
     return parser.parse_args(argv)
@@ -155,7 +161,8 @@ def context(device: torch.device, limits: timing.Limits) -> dict[str, str]:
 
 
 def write_markdown(path: Path, ctx: dict[str, str], rows: list[report.Row],
-                   outcomes: list[targets.Outcome], command: str) -> None:
+                   outcomes: list[targets.Outcome], command: str,
+                   host_rows: Optional[list[report.Row]] = None) -> None:
     header = [f"- {key}: {value}" for key, value in ctx.items()]
     sections = [f"# Benchmark results\n\n`{command}`", "\n".join(header), "## Targets",
                 targets.markdown(outcomes), "## Timings",
@@ -164,6 +171,13 @@ def write_markdown(path: Path, ctx: dict[str, str], rows: list[report.Row],
     for workload in dict.fromkeys(r.workload for r in rows):
         sections += [f"### {workload}",
                      report.markdown_table([r for r in rows if r.workload == workload])]
+    if host_rows:
+        sections += ["## Host overhead per call (backend='auto')",
+                     "`regfuse_auto_no_triton` ran in a subprocess where `import triton` fails; its "
+                     "speed-ups are against that subprocess's own baselines (not shown)."]
+        for workload in dict.fromkeys(r.workload for r in host_rows):
+            sections += [f"### {workload} (host overhead)",
+                         report.markdown_table([r for r in host_rows if r.workload == workload])]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(sections) + "\n")
 
@@ -185,6 +199,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     ops = [prov.OPS[name] for name in (args.ops or prov.OPS)]
     groups = [(w, op) for w in loads for op in ops if w.kind in op.kinds
               and (w.name not in clip_only or op.name in prov.CLIP_OPS)]
+    host = args.host_only or (args.host_overhead if args.host_overhead is not None
+                              else not (args.workloads or args.ops))
+    if args.host_only:
+        groups = []
 
     started = time.perf_counter()
     _log(f"regfuse {regfuse.__version__} on {device}; backends {backends}; "
@@ -210,20 +228,29 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows += group
         del tensors
         gc.collect()
+    host_rows: list[report.Row] = []
+    if host:
+        _log(f"host overhead per call ({', '.join(host_overhead.WORKLOADS)}; backend='auto')")
+        host_rows = host_overhead.run(device, args.repeat, min(args.budget, 2.0), _log)
     # Bandwidth varies with what else the machine is doing: a second measurement at the
     # end keeps one slow moment from setting a low limit for the whole run.
     limits = limits.best(timing.measure_limits(device, limit_numel, args.repeat))
     rows = [report.with_limits(row, limits) for row in rows]
 
-    outcomes = targets.evaluate(rows, limits, device.type)
+    outcomes = targets.evaluate(rows, limits, device.type) if rows else []
+    if host_rows:
+        cases = list(dict.fromkeys((r.workload, r.op) for r in host_rows))
+        outcomes += [t.evaluate(host_rows) for t in targets.host_targets(cases)]
     print(report.text_table(rows))
+    if host_rows:
+        print("\nHost overhead per call (backend='auto')\n" + report.text_table(host_rows))
     print(f"\nbandwidth limits: read {limits.read / 1e9:.2f} GB/s, copy {limits.copy / 1e9:.2f} GB/s"
           f"; % limit is against read for read-only ops, copy for ops that write")
     print("\nTargets\n" + targets.text(outcomes))
 
     ctx = context(device, limits)
     csv_path = args.csv or RESULTS / f"bench_{device.type}.csv"
-    report.write_csv(rows, csv_path, ctx)
+    report.write_csv(rows + host_rows, csv_path, ctx)
     written = [str(csv_path)]
     plots = not args.no_plots
     if plots and importlib.util.find_spec("matplotlib") is None:
@@ -237,7 +264,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             if plot(path):
                 written.append(str(path))
     if args.markdown:
-        write_markdown(args.markdown, ctx, rows, outcomes, "benchmarks/run.py " + " ".join(sys.argv[1:]))
+        write_markdown(args.markdown, ctx, rows, outcomes, "benchmarks/run.py " + " ".join(sys.argv[1:]),
+                       host_rows)
         written.append(str(args.markdown))
     print(f"\nwrote {', '.join(written)} in {time.perf_counter() - started:.0f} s")
 

@@ -177,6 +177,21 @@ def gpu_targets(limits: Limits, backend: str) -> list[Target]:
     ]
 
 
+def _speedup_torch(row: Row, rows: Sequence[Row]) -> Optional[float]:
+    """Against the faster of torch's two ways (its foreach utility, the naive loop)."""
+    ratios = [r for r in (row.speedup_naive, row.speedup_foreach) if r is not None]
+    return min(ratios) if ratios else None
+
+
+def host_targets(cases: Sequence[Case]) -> list[Target]:
+    """Small lists, where the host's work is the cost: ``backend="auto"`` with Triton
+    importable and without (see ``host_overhead.py``) no slower than torch, every case."""
+    return [Target(f"time per call <= torch's (foreach utility and naive loop), every list and op, "
+                   f"backend='auto' {what}", provider, list(cases), _speedup_torch, 1.0, "x")
+            for provider, what in (("regfuse_auto", "with Triton importable"),
+                                   ("regfuse_auto_no_triton", "without Triton"))]
+
+
 def evaluate(rows: Sequence[Row], limits: Limits, device_type: str) -> list[Outcome]:
     """Every target of this device type, judged on ``rows``."""
     if device_type == "cuda":

@@ -122,6 +122,21 @@ def vit_b16_shapes() -> list[Shape]:
     return shapes
 
 
+def nanogpt_shapes(layers: int = 2, n_embd: int = 64, vocab: int = 65, block_size: int = 64) -> list[Shape]:
+    """nanoGPT's ``GPT`` (``bias=False``, as its ``train.py``; ``lm_head`` tied to ``wte``):
+    2 layers, n_embd 64, vocab 65, block_size 64 give 15 parameters, 107,712 elements."""
+    h = n_embd
+    shapes: list[Shape] = [(vocab, h), (block_size, h)]  # wte, wpe
+    for _ in range(layers):  # ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj
+        shapes += [(h,), (3 * h, h), (h, h), (h,), (4 * h, h), (h, 4 * h)]
+    return shapes + [(h,)]  # ln_f
+
+
+def mlp_shapes() -> list[Shape]:
+    """A 2-layer MLP on MNIST, ``Linear(784, 256)``, ``Linear(256, 10)``: 4 parameters."""
+    return [(256, 784), (256,), (10, 256), (10,)]
+
+
 def resnet_activation_shapes(batch: int) -> list[Shape]:
     """24 ReLU outputs of a ResNet-50-style trunk at 224x224: six per stage."""
     stages = ((256, 56), (512, 28), (1024, 14), (2048, 7))
@@ -161,6 +176,8 @@ def model_workloads(activation_batch: int) -> dict[str, Workload]:
         _model("bert_base", bert_base_shapes, "BERT-base parameters, float32"),
         _model("gpt2_small", gpt2_small_shapes, "GPT-2 small (124M) parameters, float32"),
         _model("vit_b16", vit_b16_shapes, "ViT-B/16 parameters, float32"),
+        _model("nanogpt_2l", nanogpt_shapes, "nanoGPT, 2 layers, n_embd 64 (15 tensors), float32"),
+        _model("mlp_2l", mlp_shapes, "2-layer MLP 784-256-10 (4 tensors), float32"),
         Workload("tiny_2000x256", "params", _f32([(256,)] * 2000), "2,000 float32 tensors of 256"),
         Workload("resnet50_mixed", "params", _mixed(resnet50_shapes()),
                  "ResNet-50 parameters, bfloat16 weights + float32 1-D"),

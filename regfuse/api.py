@@ -18,10 +18,11 @@ from .backends.base import Reduction
 from .device_cache import DeviceCache, upload
 from .distributed import (SUM, across_stages, dtensor_aware, global_value, norm_combination,
                           penalty_entries, total)
-from .validation import (_C, ListInfo, as_list, bump_versions, check_distinct, check_max_norm,
-                         check_nonnegative, check_readable, inspect)
+from .validation import (ListInfo, as_list, bump_versions, check_distinct, check_max_norm,
+                         check_nonnegative, check_readable, inspect, native_extension)
 
-TensorList = Union[Iterable[Tensor], Sequence[Tensor]]
+# One tensor or any iterable of tensors (a list, model.parameters()), as torch's utilities take.
+TensorList = Union[Tensor, Iterable[Tensor]]
 Coefficients = Optional[Union[Sequence[float], Tensor]]
 
 __all__ = ["norms", "total_norm", "penalty", "add_penalty_grad_", "prox_l1_", "clip_grad_norm_",
@@ -163,8 +164,9 @@ def norms(tensors: TensorList, p: float = 2, *, squared: bool = False, backend: 
     """Per-tensor norms of a list of tensors in one fused pass.
 
     Args:
-        tensors: tensors on one device (any mix of float32/float16/bfloat16/float64, any
-            shapes, empty, 0-d and non-contiguous tensors included).
+        tensors: one tensor or an iterable of tensors on one device (any mix of
+            float32/float16/bfloat16/float64, any shapes, empty, 0-d and non-contiguous
+            tensors included).
         p: the order, as ``torch.linalg.vector_norm`` takes it: any ``p > 0`` (1, 2 and
             ``inf`` have their own kernels, every other ``p`` one general kernel), ``0``
             (the number of nonzero elements) or ``float('-inf')`` (``min |x|``).
@@ -202,11 +204,6 @@ def _per_tensor_norms(tensors: list[Tensor], op: Reduction, order: float, backen
     if _builds_graph(info):
         return ops.reduce_with_grad(tensors, op, None, backend, order)
     return ops.run_reduce(tensors, op, None, backend, info, p=order)
-
-
-def _one_or_many(tensors: "TensorList | Tensor") -> list[Tensor]:
-    """A list from one tensor or an iterable of them, as torch's norm utilities take it."""
-    return [tensors] if isinstance(tensors, Tensor) else as_list(tensors)
 
 
 def _combined_norm(tensors: list[Tensor], order: float, backend: str, info: ListInfo) -> Tensor:
@@ -252,7 +249,7 @@ def _check_total_finite_of(total: Tensor, arguments: dict) -> None:
 @dtensor_aware(reduce=lambda args: norm_combination(args["p"]), entries=_tensor_norms,
                finish=_total_of_norms, stages="pp_mesh",
                global_checks={"error_if_nonfinite": _check_total_finite_of})
-def total_norm(tensors: "TensorList | Tensor", p: float = 2, *, error_if_nonfinite: bool = False,
+def total_norm(tensors: TensorList, p: float = 2, *, error_if_nonfinite: bool = False,
                pp_mesh=None, backend: str = "auto") -> Tensor:
     """The ``p``-norm of all the tensors together, as ``torch.nn.utils.get_total_norm``.
 
@@ -292,7 +289,7 @@ def total_norm(tensors: "TensorList | Tensor", p: float = 2, *, error_if_nonfini
         on every rank: their total norm is already the global one (no all-reduce, which
         would count it ``world_size`` times).
     """
-    tensors = _one_or_many(tensors)
+    tensors = as_list(tensors)
     order = _norm_order(p)
     backends.check_backend_name(backend)
     if not tensors:
@@ -355,7 +352,8 @@ def _grads_to_update(params: list[Tensor], what: str) -> list[Tensor]:
     Call it last among the checks of an op that adds to gradients (``what``, for the
     messages): it sets ``.grad``.
     """
-    if not (_C is not None and _C.grads_ready(params)):  # else: the common case, checked natively
+    extension = native_extension()
+    if not (extension is not None and extension.grads_ready(params)):  # else: the common case, checked natively
         grads = _check_grads(params)
         # Every check has passed: from here on the parameters' gradients may change.
         for p, g in zip(params, grads):
@@ -375,8 +373,15 @@ def _in_place_target(params: TensorList, backend: str, what: str) -> tuple[list,
     info = inspect(params)
     ops.refuse_transforms(what, params)
     check_distinct(params)
-    backends.resolve(backend, info.device)  # raises now, before anything is modified
+    _check_available(backend, info)
     return params, info
+
+
+def _check_available(backend: str, info: ListInfo) -> None:
+    """Raise now, before anything is modified, if ``backend`` cannot run the list (when
+    traced, the custom op raises as the graph runs, also before any change)."""
+    if not torch.compiler.is_compiling():
+        backends.resolve(backend, info.device)
 
 
 def _run_in_place(custom_op, run, modified: Sequence[Tensor], args: tuple, info: ListInfo) -> None:
@@ -428,7 +433,8 @@ def prox_l1_(params: TensorList, threshold: float, *, coefficients: Coefficients
 
 def _gradients(parameters: list) -> list[Tensor]:
     """The ``.grad`` of every parameter that has one, in order."""
-    grads = _C.defined_grads(parameters) if _C is not None else None
+    extension = native_extension()
+    grads = extension.defined_grads(parameters) if extension is not None else None
     if grads is not None:
         return grads
     try:
@@ -535,7 +541,7 @@ def _clip_(grads: list[Tensor], max_norm: float, total: Tensor, *, backend: str)
     info = inspect(grads)
     ops.refuse_transforms("clip_grad_norm_", grads)
     check_distinct(grads)
-    backends.resolve(backend, info.device)  # raises now, before anything is modified
+    _check_available(backend, info)
     # torch's coefficient, formula for formula; clamping (not branching) keeps it on the device.
     coefficient = torch.clamp(max_norm / (total.to(info.device) + 1e-6), max=1.0)
     factors = coefficient.to(info.acc_dtype).expand(len(grads)).contiguous()

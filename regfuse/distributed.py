@@ -71,7 +71,7 @@ from torch import Tensor
 from .validation import as_list, bump_versions
 
 __all__ = ["dtensor_aware", "norm_combination", "SUM", "MAX", "MIN", "NormPartial", "dtensor_class",
-           "is_dtensor", "replicated_value"]
+           "is_dtensor", "global_value"]
 
 # How the local results of a reduction combine across the ranks that hold the shards.
 SUM = "sum"
@@ -113,11 +113,6 @@ def dtensor_class() -> Optional[type]:
 def is_dtensor(t: object) -> bool:
     cls = dtensor_class()
     return cls is not None and isinstance(t, cls)
-
-
-def replicated_value(t: Tensor) -> Tensor:
-    """The single-process value of a result: ``t.full_tensor()`` for a DTensor, else ``t``."""
-    return t.full_tensor() if is_dtensor(t) else t
 
 
 # ---- placements ---------------------------------------------------------------------------
@@ -507,11 +502,6 @@ def across_groups_norm(local: Tensor, p: float, groups: tuple) -> Tensor:
         return _ExtremumAcross.apply(local, torch.ones_like(local), torch.ones_like(local), groups, _reduce_op(MAX if p > 0 else MIN))
     wide = _safe_pow(local.to(torch.float64), p)
     return _safe_pow(_SumAcross.apply(wide, groups), 1 / p).to(local.dtype)
-
-
-def replicated_value(t: Tensor) -> Tensor:
-    """Kept for callers of the earlier name: :func:`global_value`."""
-    return global_value(t)
 
 
 # ---- in-place ops: every local shard, no communication ----------------------------------

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import norms
-from .distributed import replicated_value
+from .distributed import global_value
 from .reporting import named_tensors
 
 __all__ = ["grad_norms", "weight_norms"]
@@ -40,7 +40,7 @@ def _device_norms(values: list[Tensor], order: float, promoted: torch.dtype,
     the total). One fused launch, then one cast per dtype other than the accumulation
     dtype; ``unbind`` makes the 0-d views without a launch per tensor. DTensors give
     their global norms."""
-    vector = replicated_value(norms(values, p=order, backend=backend))
+    vector = global_value(norms(values, p=order, backend=backend))
     dtypes = [t.dtype for t in values]
     rounded = vector.to(promoted)
     views: dict[torch.dtype, tuple[Tensor, ...]] = {}

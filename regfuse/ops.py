@@ -24,6 +24,7 @@ PyTorch ops and whose ``vmap`` refuses; the in-place ops refuse tangents and tra
 """
 from __future__ import annotations
 
+import inspect as pyinspect
 import math
 from typing import Optional, Sequence
 
@@ -34,7 +35,8 @@ from torch import Tensor
 from . import backends
 from .backends import reference
 from .backends.base import Reduction, row_counts
-from .validation import (ListInfo, check_gradients, check_per_tensor, inspect, inspect_py)
+from .validation import (ListInfo, check_distinct, check_gradients, check_per_tensor, inspect,
+                         inspect_py, is_traced)
 
 
 # The reductions whose gradient is not ``a * sign(x) + b * x``: always PyTorch ops.
@@ -176,6 +178,7 @@ def run_add_grad_(grads: Sequence[Tensor], params: Sequence[Tensor], weights: Te
     if info is None:
         info = inspect(params)
         _check_add_grad(grads, params, weights, info)
+        check_distinct(grads)
     impl = backends.resolve(backend, info.device)
     work = [g if g.is_contiguous() else g.contiguous() for g in grads]
     with torch.no_grad():
@@ -189,9 +192,10 @@ def _run_per_tensor_(tensors: Sequence[Tensor], values: Tensor, backend: str,
     """Runs the backend's in-place ``kernel(tensors, values)``, ``values`` one number per
     tensor (or per row, with ``rows=True`` in ``kernel_kwargs``; accumulation dtype), on
     contiguous stand-ins copied back where needed."""
-    if info is None:
+    if info is None:  # the custom op, also as a compiled graph runs it: check it all here
         info = inspect(tensors)
         check(tensors, values, info)
+        check_distinct(tensors)
     impl = backends.resolve(backend, info.device)
     work = _contiguous(tensors, info)
     with torch.no_grad():
@@ -258,9 +262,11 @@ def _setup_reduce(ctx, inputs, output):
     ctx.save_for_backward(*tensors, output, weights)
 
 
-def _tracing(tensors: Sequence[Tensor]) -> bool:
-    """Whether the backward is being traced (dynamo, or AOT autograd's fake tensors)."""
-    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode(tensors) is not None
+def _tracing(tensors: Sequence[Tensor], grad_out: Tensor) -> bool:
+    """Whether the backward is being traced (dynamo, or AOT autograd's fake or functional
+    tensors, which all the tensors of one trace are). A few isinstance checks: it runs in
+    every eager backward (``torch._guards.detect_fake_mode`` walks the whole list)."""
+    return torch.compiler.is_compiling() or is_traced(grad_out) or is_traced(tensors[0])
 
 
 def differentiable_grads(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor, norms: Tensor,
@@ -286,7 +292,7 @@ def _backward_reduce(ctx, grad_out):
         grad_out.requires_grad or any(t.requires_grad for t in tensors))
     if op in _TORCH_OP_GRADIENTS or records_derivatives or transforms_active():
         grads = differentiable_grads(tensors, op, grad_out, norms, weights, ctx.p, rows)
-    elif _tracing(tensors):
+    elif _tracing(tensors, grad_out):
         grads = reduce_backward(tensors, int(op), grad_out, norms, weights, ctx.backend, rows)
     else:
         grads = run_reduce_backward(tensors, op, grad_out, norms, weights, ctx.backend, rows)
@@ -352,6 +358,12 @@ class _EagerReduce(torch.autograd.Function):
         raise NotImplementedError(
             "regfuse does not support torch.func.vmap: its fused kernels take whole tensors, not "
             "batches of them; call it once per batch element instead")
+
+
+# torch.autograd.Function.apply binds its arguments to forward's signature on every call
+# (setup_context style); a signature stored on the function spares inspect.signature
+# rebuilding it each time (about 10 us a call).
+_EagerReduce.forward.__signature__ = pyinspect.signature(_EagerReduce.forward)
 
 
 def reduce_with_grad(tensors: list[Tensor], op: Reduction, weights: Optional[Tensor],

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .api import norms
 from .backends.base import row_counts
-from .distributed import SUM, dtensor_aware, replicated_value
+from .distributed import SUM, dtensor_aware, global_value
 from .groups import group_norms
 
 __all__ = ["TensorStats", "SparsityReport", "sparsity_report"]
@@ -149,12 +149,12 @@ def sparsity_report(tensors: NamedTensors, *, backend: str = "auto") -> Sparsity
     if not named:
         return SparsityReport([])
     values = [t.detach() for _, t in named]
-    # For DTensors (FSDP2) each is a partial result over the local shards: replicated_value
+    # For DTensors (FSDP2) each is a partial result over the local shards: global_value
     # reduces it (one small all-reduce each), so every rank reports the global numbers.
-    l1 = replicated_value(norms(values, p=1, backend=backend))
-    l2 = replicated_value(norms(values, p=2, backend=backend))
-    nonzeros = replicated_value(_nonzeros(values))
-    zero_groups = replicated_value(_zero_groups(values, backend=backend))
+    l1 = global_value(norms(values, p=1, backend=backend))
+    l2 = global_value(norms(values, p=2, backend=backend))
+    nonzeros = global_value(_nonzeros(values))
+    zero_groups = global_value(_zero_groups(values, backend=backend))
     # float64 holds counts exactly up to 2**53: one copy to the host for everything.
     l1, l2, nonzeros, zero_groups = torch.stack(
         [l1.double(), l2.double(), nonzeros.double(), zero_groups.double()]).tolist()

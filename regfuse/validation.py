@@ -7,6 +7,7 @@ Both raise the same exceptions with the same messages.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, NamedTuple, Sequence
 
@@ -17,6 +18,13 @@ try:
     from regfuse import _C
 except ImportError:  # the package must work (reference backend) without the extension
     _C = None
+
+def native_extension():
+    """The extension for a native pass, or ``None`` where the Python pass runs instead:
+    without a build, and while ``torch.compile`` traces (dynamo cannot trace into the
+    extension, and its tensors are fakes without data)."""
+    return None if _C is None or torch.compiler.is_compiling() else _C
+
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -63,11 +71,16 @@ def inspect_py(tensors: list) -> ListInfo:
     return ListInfo(device, acc_dtype, requires_grad, contiguous)
 
 
-def _traced(t: Tensor) -> bool:
-    """A tensor of the compiler's tracing (fake or functional): only shapes, no kernel runs."""
+@functools.lru_cache(maxsize=None)
+def _tracing_classes() -> tuple:
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
-    return isinstance(t, (FakeTensor, FunctionalTensor))
+    return FakeTensor, FunctionalTensor
+
+
+def is_traced(t: Tensor) -> bool:
+    """A tensor of the compiler's tracing (fake or functional): only shapes, no kernel runs."""
+    return isinstance(t, _tracing_classes())
 
 
 def check_readable(t: Tensor, what: str) -> None:
@@ -81,7 +94,7 @@ def check_readable(t: Tensor, what: str) -> None:
     """
     if t.is_nested:
         raise TypeError(f"regfuse: {what} is a nested tensor; dense (strided) tensors only")
-    if torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python) and not _traced(t):
+    if torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python) and not is_traced(t):
         kind = type(t)
         if kind.__name__ == "DTensor":
             reason = ("a DTensor where regfuse expects a plain tensor: the public functions take a "
@@ -95,9 +108,10 @@ def check_readable(t: Tensor, what: str) -> None:
 def inspect(tensors: list) -> ListInfo:
     """Check a non-empty tensor list and summarize it (native pass where built)."""
     _check_not_empty(tensors)
-    if _C is None or torch.compiler.is_compiling():  # the compiler traces the Python pass
+    extension = native_extension()
+    if extension is None:  # the compiler traces the Python pass
         return inspect_py(tensors)
-    summary = _C.inspect(tensors)
+    summary = extension.inspect(tensors if isinstance(tensors, list) else list(tensors))
     if summary is None:  # something is wrong: the Python pass says exactly what
         return inspect_py(tensors)
     acc_double, requires_grad, contiguous = summary
@@ -106,14 +120,17 @@ def inspect(tensors: list) -> ListInfo:
 
 
 def as_list(tensors: "Iterable[Tensor] | Tensor") -> list:
-    """Materialize the user's iterable (a generator such as ``model.parameters()`` too)."""
+    """The user's tensors as a list: one tensor, or any iterable of them (a generator
+    such as ``model.parameters()`` too), as torch's utilities take them."""
+    if isinstance(tensors, list):  # the common case: a shallow copy, no iteration in Python
+        return tensors.copy()
     if isinstance(tensors, Tensor):
-        raise TypeError("regfuse: expected a list or iterable of tensors, got a single Tensor; "
-                        "wrap it in a list")
+        return [tensors]
     try:
         return list(tensors)
     except TypeError:
-        raise TypeError(f"regfuse: expected an iterable of tensors, got {type(tensors).__name__}") from None
+        raise TypeError(f"regfuse: expected a tensor or an iterable of tensors, got "
+                        f"{type(tensors).__name__}") from None
 
 
 def check_nonnegative(name: str, value: float) -> float:
@@ -150,7 +167,12 @@ def _first_overlap_py(tensors: list) -> "tuple[int, int] | None":
 
 
 def check_distinct(tensors: list) -> None:
-    """Refuse a list that names the same memory twice: an in-place op would race with itself."""
+    """Refuse a list that names the same memory twice: an in-place op would race with itself.
+
+    Not while ``torch.compile`` traces (fakes have no addresses): the custom op checks
+    the real tensors when the compiled graph runs it (:mod:`regfuse.ops`)."""
+    if torch.compiler.is_compiling():
+        return
     overlap = _first_overlap_py(tensors) if _C is None else _C.first_overlap(tensors)
     if overlap is not None:
         i, j = overlap
@@ -182,8 +204,9 @@ def check_gradients(grads: list, params: list, native: bool = True) -> None:
     """Gradients an op writes into: one per tensor, each dense and shaped, typed and placed
     like its tensor (a native pass where built, unless ``native=False``: fake tensors with
     symbolic shapes have no native sizes)."""
-    if native and _C is not None:
-        _C.check_gradients(list(grads), list(params))
+    extension = native_extension() if native else None
+    if extension is not None:
+        extension.check_gradients(list(grads), list(params))
         return
     if len(grads) != len(params):
         raise ValueError(f"regfuse: {len(grads)} gradients for {len(params)} tensors; "

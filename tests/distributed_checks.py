@@ -463,8 +463,8 @@ def clear_errors_before_anything_runs(env: Env) -> None:
         else:
             raise AssertionError(f"no {kind.__name__} ({text})")
 
-    raises(TypeError, lambda: regfuse.norms(sharded[0]), "single Tensor")
-    raises(TypeError, lambda: regfuse.prox_l1_(sharded[0], 0.1), "single Tensor")
+    # One DTensor is a list of one, as a plain tensor is.
+    assert torch.equal(regfuse.norms(sharded[0]).full_tensor(), regfuse.norms(sharded[:1]).full_tensor())
     unknown = DTensor.from_local(torch.ones(3), env.mesh, [UnknownPlacement()], run_check=False)
     raises(NotImplementedError, lambda: regfuse.norms([sharded[0], unknown]), "UnknownPlacement")
     raises(NotImplementedError, lambda: regfuse.prox_l1_([sharded[0], unknown], 0.1), "UnknownPlacement")

@@ -1,4 +1,9 @@
 """The backend registry, ``backend="auto"``, determinism and float32 accuracy."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,6 +27,48 @@ def test_available_backends_can_run(device):
 
 def test_auto_picks_the_first_available(device):
     assert backends.resolve("auto", device) is backends.resolve(regfuse.available_backends(device)[0], device)
+
+
+def test_resolution_is_decided_once_failures_included(monkeypatch):
+    # A backend that cannot run is asked once per device type, not on every call
+    # (a failed Triton import would otherwise be retried by every "auto" call).
+    from regfuse.backends import triton as triton_backend
+    asked = []
+
+    def unavailable(device):
+        asked.append(device.type)
+        return "no Triton here"
+
+    backends.forget()
+    monkeypatch.setattr(triton_backend, "unavailable_reason", unavailable)
+    try:
+        for _ in range(3):
+            assert "triton" not in regfuse.available_backends("cpu")
+            assert backends.resolve("auto", torch.device("cpu")).name == regfuse.available_backends("cpu")[0]
+            assert backends.unavailable_reason("triton", torch.device("cpu")) == "no Triton here"
+        assert asked == ["cpu"]
+        with pytest.raises(RuntimeError, match="no Triton here"):
+            backends.resolve("triton", torch.device("cpu"))
+    finally:
+        backends.forget()
+
+
+def test_a_missing_extension_warns_once_with_the_fix():
+    # A checkout without a build: the import says so once, and the reference backend runs.
+    code = ("import sys, warnings; sys.modules['regfuse._C'] = None; warnings.simplefilter('always')\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    import regfuse, regfuse.api, importlib\n"
+            "print(len([w for w in caught if 'regfuse._C cannot be imported' in str(w.message)]))\n"
+            "print([str(w.message) for w in caught if 'regfuse._C' in str(w.message)][0])\n"
+            "print(regfuse.available_backends('cpu'), float(regfuse.norms(regfuse.api.torch.ones(4))))\n")
+    root = Path(regfuse.__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    env.pop("TRITON_INTERPRET", None)  # no Triton interpreter: only what the import leaves
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=env, cwd=root, check=True).stdout.splitlines()
+    assert out[0] == "1"
+    assert "source checkout" in out[1] and "pip install --no-build-isolation -e ." in out[1]
+    assert out[2] == "['reference'] 2.0"
 
 
 def test_unknown_backend_name_is_refused():

@@ -1,7 +1,15 @@
 """The torch.library ops pass ``opcheck``, and ``torch.compile(fullgraph=True)`` traces
-code calling ``regfuse.norms`` and ``regfuse.penalty`` (with backward) without a break."""
+every public function (with backward) without a graph break or a Dynamo warning, with
+the results of eager mode, up to a whole training step (forward, loss with a penalty,
+backward, the in-place gradient penalty, clipping, an update and the proximal steps)."""
+import contextlib
+import copy
+import logging
+import warnings
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import regfuse
 from regfuse.backends.base import Reduction
@@ -52,6 +60,30 @@ def test_opcheck_in_place_ops(backend, device):
     torch.library.opcheck(torch.ops.regfuse.scale_.default, ([t.clone() for t in tensors], factors, backend))
 
 
+@contextlib.contextmanager
+def _one_graph_and_no_warning():
+    """Asserts that what is compiled inside is traced as graphs without any break (also
+    where fullgraph=True is not given) and that neither Dynamo nor regfuse warns."""
+    counters.clear()
+    logged: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: logged.append(record.getMessage())
+    dynamo_log = logging.getLogger("torch._dynamo")
+    dynamo_log.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        dynamo_log.removeHandler(handler)
+    assert not logged, f"Dynamo logged warnings: {logged}"
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    # torch's own deprecation notice, raised while it imports its compiler backends.
+    ours = [str(w.message) for w in caught if "torch.jit.script_method" not in str(w.message)]
+    assert not ours, f"warnings while compiling: {ours}"
+
+
 def _loss(params: list[torch.Tensor], backend: str, coefficients=None) -> torch.Tensor:
     penalty = regfuse.penalty(params, 1e-2, 1e-3, coefficients=coefficients, backend=backend)
     l2_norms = regfuse.norms(params, 2, backend=backend)
@@ -67,8 +99,9 @@ def _check_compiled_matches_eager(backend: str, device, coefficients=None) -> No
     expected = _loss(eager, backend, coefficients)
     expected.backward()
     # fullgraph=True: any graph break is an error.
-    got = torch.compile(_loss, fullgraph=True)(compiled, backend, coefficients)
-    got.backward()
+    with _one_graph_and_no_warning():
+        got = torch.compile(_loss, fullgraph=True)(compiled, backend, coefficients)
+        got.backward()
 
     assert_close(got, expected, what="compiled loss")
     assert_lists_close([p.grad for p in compiled], [p.grad for p in eager], what="compiled grad")
@@ -90,9 +123,8 @@ def test_compile_fullgraph_with_coefficients(device):
 
 
 @pytest.mark.slow
-def test_compile_total_norm_fullgraph_and_clip(device):
-    # total_norm traces without a break (general p included), backward too; clip_grad_norm_
-    # compiles with a break at the aliasing check of its in-place scale, and clips right.
+def test_compile_total_norm_fullgraph(device):
+    # total_norm traces without a break (general p, one tensor, a generator), backward too.
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(7)
     eager = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in [(7, 3), (4,), ()]]
@@ -100,21 +132,54 @@ def test_compile_total_norm_fullgraph_and_clip(device):
 
     def norms_loss(params):
         return regfuse.total_norm(params, backend="cpu" if device.type == "cpu" else "auto") + \
-            regfuse.total_norm(params, 3) + regfuse.norms(params, 0.5).sum()
+            regfuse.total_norm(iter(params), 3) + regfuse.norms(params, 0.5).sum() + \
+            regfuse.norms(params[0], 1)[0]
 
     expected = norms_loss(eager)
     expected.backward()
-    got = torch.compile(norms_loss, fullgraph=True)(compiled)
-    got.backward()
+    with _one_graph_and_no_warning():
+        got = torch.compile(norms_loss, fullgraph=True)(compiled)
+        got.backward()
     assert_close(got, expected, what="compiled total norms")
     assert_lists_close([p.grad for p in compiled], [p.grad for p in eager], what="compiled grad")
 
-    reference = [p.detach().clone().requires_grad_() for p in eager]
-    for r, p in zip(reference, compiled):
-        r.grad = p.grad.clone()
-    total = torch.compile(lambda params: regfuse.clip_grad_norm_(params, 0.5))(compiled)
-    assert_close(total, torch.nn.utils.clip_grad_norm_(reference, 0.5), what="compiled clip norm")
-    assert_lists_close([p.grad for p in compiled], [r.grad for r in reference], what="compiled clip")
+
+def _training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """One step as training code writes it, every in-place utility of regfuse included."""
+    loss = torch.nn.functional.mse_loss(model(x), y) + regfuse.penalty(model.parameters(), 1e-2, 1e-3)
+    loss.backward()
+    params = list(model.parameters())
+    regfuse.add_penalty_grad_(params, 1e-3, coefficients=[1.0, 0.0, 2.0, 0.5])
+    norm = regfuse.clip_grad_norm_(model.parameters(), 0.1)
+    single = regfuse.clip_grad_norm_(params[1], 0.01)  # one tensor, as torch takes it
+    with torch.no_grad():  # SGD: torch.optim's step() breaks the graph on purpose (_use_grad)
+        torch._foreach_add_(params, [p.grad for p in params], alpha=-0.5)
+    regfuse.prox_l1_(params, 1e-3)
+    regfuse.prox_group_lasso_(params[::2], 1e-2)
+    for p in params:
+        p.grad = None
+    return loss.detach(), norm, single
+
+
+@pytest.mark.slow
+def test_compile_a_whole_training_step_fullgraph(device):
+    # Forward, loss + penalty, backward, add_penalty_grad_, clip_grad_norm_, an update,
+    # prox_l1_ and prox_group_lasso_ in one graph; two steps (the second reuses the graph),
+    # parameters equal to eager's after each.
+    torch._dynamo.reset()
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).to(device)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(5, 4, device=device), torch.randn(5, 2, device=device)
+    # Dynamo traces loss.backward() only with trace_autograd_ops (else it breaks the graph).
+    with torch._dynamo.config.patch(trace_autograd_ops=True), _one_graph_and_no_warning():
+        step = torch.compile(_training_step, fullgraph=True)
+        for k in range(2):
+            got, expected = step(model, x, y), _training_step(twin, x, y)
+            assert_lists_close(list(got), list(expected), what=f"step {k}: loss and norms")
+            assert_lists_close([p.detach() for p in model.parameters()],
+                               [p.detach() for p in twin.parameters()], what=f"step {k}: parameters")
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def _group_sample(device) -> list[torch.Tensor]:
@@ -162,7 +227,8 @@ def test_compile_fullgraph_group_ops(device):
     compiled = [p.detach().clone().requires_grad_() for p in eager]
     expected = _group_loss(eager, backend)
     expected.backward()
-    got = torch.compile(_group_loss, fullgraph=True)(compiled, backend)
-    got.backward()
+    with _one_graph_and_no_warning():
+        got = torch.compile(_group_loss, fullgraph=True)(compiled, backend)
+        got.backward()
     assert_close(got, expected, what="compiled group loss")
     assert_lists_close([p.grad for p in compiled], [p.grad for p in eager], what="compiled grad")

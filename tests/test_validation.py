@@ -102,10 +102,37 @@ def test_bad_element_last(backend, device, op, bad):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_single_tensor_instead_of_a_list(op):
-    t = torch.randn(3, requires_grad=True)
-    _assert_raises_and_keeps(op, t, TypeError, "single Tensor")
-    assert t.grad is None
+def test_a_single_tensor_is_a_list_of_one(op):
+    # As torch's utilities: one tensor, a list of it and a generator give the same
+    # result and the same effect (values, and the gradient add_penalty_grad_ creates).
+    t = torch.randn(3, 2, requires_grad=True)
+    alone, listed, generated = (t.detach().clone().requires_grad_() for _ in range(3))
+    results = [OPS[op](alone), OPS[op]([listed]), OPS[op](x for x in [generated])]
+    for result in results[1:]:
+        assert (result is None) == (results[0] is None)
+        if result is not None:
+            assert torch.equal(result, results[0])
+    for other in (listed, generated):
+        assert torch.equal(other.detach(), alone.detach())
+        assert (other.grad is None) == (alone.grad is None)
+        assert other.grad is None or torch.equal(other.grad, alone.grad)
+    assert op != "add_penalty_grad_" or alone.grad is not None
+    assert op != "prox_l1_" or not torch.equal(alone.detach(), t.detach())
+
+
+def test_custom_ops_refuse_aliased_tensors(backend, device):
+    # What regfuse.api checks before calling them, checked again by the ops themselves: a
+    # compiled graph calls them without that pass (its tracing sees no memory).
+    t = torch.randn(6, device=device)
+    values = torch.ones(2, device=device)
+    for call in (lambda: torch.ops.regfuse.prox_l1_([t, t[2:]], values, backend),
+                 lambda: torch.ops.regfuse.scale_([t[:4], t[3:]], values, backend),
+                 lambda: torch.ops.regfuse.add_grad_([t, t], [t.clone(), t.clone()],
+                                                     torch.ones(2, 2, device=device), backend)):
+        before = t.clone()
+        with pytest.raises(ValueError, match="share memory"):
+            call()
+        assert torch.equal(t, before)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -159,6 +159,12 @@ def scale_table(op: Reduction, grad_out: Tensor, norms: Optional[Tensor], weight
                 n: int, acc_dtype: torch.dtype) -> Tensor:
     """:func:`grad_scales` as one contiguous ``(2, n)`` tensor of ``acc_dtype``: row 0 is
     ``a``, row 1 is ``b``, the layout every kernel's backward reads."""
+    if op == Reduction.PENALTY and weights is not None:
+        # grad_scales' (grad_out * w[0], 2 * grad_out * w[1]) in two small ops, not eight:
+        # this table is built on every add_penalty_grad_ and penalty backward.
+        table = (weights * grad_out).to(acc_dtype).contiguous()
+        table[1].mul_(2)
+        return table
     a, b = grad_scales(op, grad_out, norms, weights)
     return torch.stack((a.to(acc_dtype).expand(n), b.to(acc_dtype).expand(n)))
 

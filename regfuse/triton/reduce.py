@@ -251,12 +251,12 @@ def _reduce_chunk(meta, partials, weights, out, counters, chunk, p, num_tensors,
 
 
 @triton.jit
-def _finish_launch(meta, out, weights, p, num_tensors, OP: tl.constexpr, BLOCK: tl.constexpr,
-                   ACC: tl.constexpr):
+def _finish_launch(meta, out, penalty_out, weights, p, num_tensors, OP: tl.constexpr,
+                   BLOCK: tl.constexpr, ACC: tl.constexpr):
     """What the launch's last program does once every entry that owns a chunk has its
     result: the results of the empty entries (from the identity: they own no partial) and,
     for ``OP_PENALTY``, the sum of the weighted terms, in a fixed order, into
-    ``out[num_tensors]``."""
+    ``penalty_out``."""
     total = tl.zeros([BLOCK], dtype=ACC)
     for block_start in range(0, num_tensors, BLOCK):
         entries = block_start + tl.arange(0, BLOCK)
@@ -272,7 +272,7 @@ def _finish_launch(meta, out, weights, p, num_tensors, OP: tl.constexpr, BLOCK: 
             written = tl.load(out + entries, mask=valid & (begin != end), other=0.0, cache_modifier=".cg")
             total += tl.where(empty, result, written)
     if OP == OP_PENALTY:
-        tl.store(out + num_tensors, tl.sum(total, axis=0))
+        tl.store(penalty_out, tl.sum(total, axis=0))
 
 
 # Runtime integers are not specialized (Triton would compile a variant for 1 and for
@@ -283,7 +283,8 @@ def _reduce_kernel(
     partials,  # (num_parts, num_chunks) accumulation dtype: one slot per program
     weights,  # PENALTY: (2, num_tensors) weights of sum|x| and sum x**2; else unused
     out,  # accumulation dtype: (num_tensors,) per-entry results; L1_L2: (2, num_tensors),
-    #       sum|x| then sqrt(sum x**2); PENALTY: the weighted terms, then their sum
+    #       sum|x| then sqrt(sum x**2); PENALTY: the weighted terms
+    penalty_out,  # PENALTY: 0-d, the sum of the weighted terms; else unused
     counters,  # int32, at least num_tensors + 1, zero (regfuse/triton/counters.py)
     p_bits,  # OP_LP: the float64 bits of p; else unused
     num_tensors, num_chunks,
@@ -297,7 +298,7 @@ def _reduce_kernel(
                       OP, CHUNK, BLOCK, COMBINE_BLOCK, ACC)
     if _arrive_last(counters + num_tensors, tl.num_programs(0)):
         # Entries per step as elements per step: a list of thousands takes a few steps.
-        _finish_launch(meta, out, weights, p, num_tensors, OP, BLOCK, ACC)
+        _finish_launch(meta, out, penalty_out, weights, p, num_tensors, OP, BLOCK, ACC)
 
 
 def _float64_bits(value: float) -> int:
@@ -321,13 +322,15 @@ def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
     num_parts = 2 if op in (Reduction.PENALTY, Reduction.L1_L2) else 1
     # At least one slot: a launch over no chunk still gets a valid pointer.
     partials = torch.empty((num_parts, max(num_chunks, 1)), dtype=acc_dtype, device=device)
-    out_shape = {Reduction.L1_L2: (2, n), Reduction.PENALTY: (n + 1,)}.get(op, (n,))
-    out = torch.empty(out_shape, dtype=acc_dtype, device=device)
-    if out.numel():
+    out = torch.empty((2, n) if op == Reduction.L1_L2 else (n,), dtype=acc_dtype, device=device)
+    # The penalty gets a tensor of its own: the result must not be a view into the terms.
+    penalty_out = (torch.empty if n else torch.zeros)((), dtype=acc_dtype, device=device) \
+        if op == Reduction.PENALTY else out
+    if n:
         weights_arg = weights.contiguous() if weights is not None else out  # unused unless PENALTY
         with device_guard(device), arrival_counters(device, n + 1) as counters:
             _reduce_kernel[(max(num_chunks, 1),)](
-                meta, partials, weights_arg, out, counters, _float64_bits(p), n, num_chunks, OP=op,
+                meta, partials, weights_arg, out, penalty_out, counters, _float64_bits(p), n, num_chunks, OP=op,
                 CHUNK=CONFIG.chunk_size, BLOCK=CONFIG.block, COMBINE_BLOCK=CONFIG.combine_block,
                 ACC=acc_type(acc_dtype), num_warps=CONFIG.num_warps, enable_fp_fusion=True)
-    return out[n] if op == Reduction.PENALTY else out
+    return penalty_out if op == Reduction.PENALTY else out
