@@ -150,21 +150,24 @@ def _training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     loss.backward()
     params = list(model.parameters())
     regfuse.add_penalty_grad_(params, 1e-3, coefficients=[1.0, 0.0, 2.0, 0.5])
+    logged = regfuse.grad_norms(model)  # before clipping, as Lightning logs them
     norm = regfuse.clip_grad_norm_(model.parameters(), 0.1)
     single = regfuse.clip_grad_norm_(params[1], 0.01)  # one tensor, as torch takes it
+    stage_norm = regfuse.total_norm([p.grad for p in params[2:]])
+    regfuse.clip_grads_with_norm_(params[2:], 0.005, stage_norm)
     with torch.no_grad():  # SGD: torch.optim's step() breaks the graph on purpose (_use_grad)
         torch._foreach_add_(params, [p.grad for p in params], alpha=-0.5)
     regfuse.prox_l1_(params, 1e-3)
     regfuse.prox_group_lasso_(params[::2], 1e-2)
     for p in params:
         p.grad = None
-    return loss.detach(), norm, single
+    return loss.detach(), norm, single, stage_norm, logged["grad_2.0_norm_total"], logged["grad_2.0_norm/0.weight"]
 
 
 @pytest.mark.slow
 def test_compile_a_whole_training_step_fullgraph(device):
-    # Forward, loss + penalty, backward, add_penalty_grad_, clip_grad_norm_, an update,
-    # prox_l1_ and prox_group_lasso_ in one graph; two steps (the second reuses the graph),
+    # Forward, loss + penalty, backward, add_penalty_grad_, grad_norms, clip_grad_norm_,
+    # clip_grads_with_norm_, an update, prox_l1_ and prox_group_lasso_ in one graph; two steps (the second reuses the graph),
     # parameters equal to eager's after each.
     torch._dynamo.reset()
     torch.manual_seed(9)
