@@ -32,7 +32,9 @@ shards, so each rank makes one fused launch, and returns:
   slices, partial where the slices are split over the ranks (partial sums, reduced when
   asked for, never a gather of the tensor).
 * **In-place ops** (``prox_l1_``, ``add_penalty_grad_``): every local shard and plain
-  tensor updated; no communication.
+  tensor updated; no communication. The in-place group ops (``prox_group_lasso_``)
+  on slices split over the ranks all-reduce one partial sum of squares per slice, then
+  update the local shards (``split=``).
 
 Gradients reach the inputs with the inputs' placements (``to_local`` / ``from_local``
 are differentiable). The local backward of a norm only knows the local norm; for a
@@ -162,6 +164,7 @@ def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], N
                   entries: Optional[Entries] = None,
                   finish: Optional[Callable[[Tensor, dict], Tensor]] = None,
                   loss_term: bool = False, stages: Optional[str] = None,
+                  split: Optional[Callable[[list, dict, list], None]] = None,
                   global_checks: Optional[dict[str, Callable[[Tensor, dict], None]]] = None) -> Callable:
     """Makes a public function whose first argument is the tensor list accept DTensor lists,
     on any number of device meshes, with plain tensors mixed in.
@@ -182,7 +185,10 @@ def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], N
       ``in_place="grads"``: it updates (or creates) their ``.grad`` (``add_penalty_grad_``).
 
     ``slices`` (for functions working on whole slices along a dimension, group norms and
-    the group lasso) gives that dimension from the arguments.
+    the group lasso) gives that dimension from the arguments. An in-place function on
+    slices split over the ranks (sharded along another dimension) is refused, unless
+    ``split(local, arguments, splits)`` does it: the local shards, the arguments and, per
+    tensor, its :class:`SplitSlices` (``None`` where its slices are whole here).
 
     ``loss_term``: the result is always a plain tensor holding the global value (a loss
     term joins a plain loss). ``stages`` names an argument holding a pipeline group
@@ -234,9 +240,14 @@ def dtensor_aware(*, reduce: Union[Combination, Callable[[dict], Combination], N
             meshes = _meshes(dtensors)
             dim = slices(bound.arguments) if slices is not None else None
             if in_place is not None:
-                if dim is not None:
-                    _refuse_split_slices(tensors, dtensors, dim)
-                return _in_place(fn, bound, tensors, dtensors, in_place == "grads")
+                splits = split_slices(dtensors, [dim] * len(tensors)) if dim is not None else []
+                if any(splits):
+                    if split is None:
+                        _refuse_split_slices(splits, dtensors, dim)
+                    body = lambda local: split(local, bound.arguments, splits)  # noqa: E731
+                else:
+                    body = lambda local: _call_on(fn, bound, local)  # noqa: E731
+                return _in_place(body, tensors, dtensors, in_place == "grads")
             tensors = _replicate_partials(tensors, dtensors)
             dtensors = [t if d is not None else None for t, d in zip(tensors, dtensors)]
             combination = reduce(bound.arguments) if callable(reduce) else reduce
@@ -506,7 +517,7 @@ def across_groups_norm(local: Tensor, p: float, groups: tuple) -> Tensor:
 
 # ---- in-place ops: every local shard, no communication ----------------------------------
 
-def _in_place(fn: Callable, bound, tensors: list, dtensors: list, grads: bool) -> None:
+def _in_place(body: Callable[[list], None], tensors: list, dtensors: list, grads: bool) -> None:
     for i, t in enumerate(dtensors):
         if t is None:
             continue
@@ -530,7 +541,7 @@ def _in_place(fn: Callable, bound, tensors: list, dtensors: list, grads: bool) -
         for stand_in, d in zip(local, dtensors):
             if d is not None and d.grad is not None:
                 stand_in.grad = d.grad._local_tensor
-    _call_on(fn, bound, local)
+    body(local)
     changed = []
     for stand_in, d in zip(local, dtensors):
         if d is None:
@@ -604,9 +615,48 @@ def _split_dims(t, dim: int) -> list[int]:
     return [k for k, d in enumerate(_sharding(t)) if d is not None and d != dim]
 
 
-def _refuse_split_slices(tensors: list, dtensors: list, dim: int) -> None:
+@dataclass(frozen=True)
+class SplitSlices:
+    """How a DTensor's slices along a dimension are split over the ranks: ``groups``, the
+    process groups spanning the ranks that hold parts of the same slices; ``first``, this
+    rank is the first of them (it counts a slice's value once); ``shape``, the global
+    shape (a slice's size is the whole slice's)."""
+    groups: tuple
+    first: bool
+    shape: torch.Size
+
+
+def split_slices(dtensors: list, dims: Sequence[int]) -> list[Optional[SplitSlices]]:
+    """Per tensor, how its slices along ``dims[i]`` are split over the ranks; ``None`` for
+    a plain tensor or one whose slices are whole on every rank."""
+    out: list[Optional[SplitSlices]] = []
+    for d, dim in zip(dtensors, dims):
+        k = _split_dims(d, dim) if d is not None else []
+        coordinate = d.device_mesh.get_coordinate() if k else None
+        out.append(SplitSlices(_process_groups(d.device_mesh, k), all(coordinate[j] == 0 for j in k),
+                               d.shape) if k else None)
+    return out
+
+
+def sum_split_slices(values: list[Tensor], splits: Sequence[Optional[SplitSlices]]) -> list[Tensor]:
+    """Per tensor, its per-slice partial sums (``values[i]``) made global where its slices
+    are split (``splits[i]``): one all-reduce per set of process groups, of all the
+    tensors split over it together; differentiable (the gradient passes through)."""
+    by_groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(splits):
+        if s is not None:
+            by_groups.setdefault(s.groups, []).append(i)
+    values = list(values)
+    for groups, members in by_groups.items():
+        reduced = _SumAcross.apply(torch.cat([values[i] for i in members]), groups)
+        for i, r in zip(members, reduced.split([values[i].numel() for i in members])):
+            values[i] = r
+    return values
+
+
+def _refuse_split_slices(splits: list, dtensors: list, dim: int) -> None:
     for i, t in enumerate(dtensors):
-        if t is not None and _split_dims(t, dim):
+        if splits[i] is not None:
             raise ValueError(f"regfuse: tensor {i} has placements {tuple(t.placements)}, so its slices "
                              f"along dim {dim} are split over the ranks; this in-place op works on "
                              f"whole slices: shard along dim {dim} (FSDP2 shards dim 0) or redistribute")

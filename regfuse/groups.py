@@ -22,14 +22,14 @@ DTensors (FSDP2, tensor parallelism): every function runs on the local shards
 dim 0: the norms are then sharded like the groups, the penalty is the global value (a
 plain tensor), and the proximal step updates the local groups with no communication.
 Groups split over the ranks (a ``dim`` along which a tensor is not sharded) give partial
-norms (reduced when asked for) and, in the penalty, one all-reduce of one partial sum
-per group, never a gather of the tensors; the in-place ops refuse them.
+norms (reduced when asked for) and, in the penalty and the in-place ops, one all-reduce
+of one partial sum of squares per group, never a gather of the tensors.
 """
 from __future__ import annotations
 
 import math
 import operator
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,8 +39,8 @@ from .api import (Coefficients, TensorList, _builds_graph, _coefficients,
                   _grads_to_update, _in_place_target, _norm_reduction, _weights)
 from .backends.base import Reduction, row_counts
 from .device_cache import DeviceCache, upload
-from .distributed import (SUM, _process_groups, _split_dims, _SumAcross, count_once, dtensor_aware,
-                          norm_combination, total)
+from .distributed import (SUM, SplitSlices, count_once, dtensor_aware, norm_combination,
+                          split_slices, sum_split_slices, total)
 from .validation import ListInfo, as_list, bump_versions, check_nonnegative, inspect
 
 __all__ = ["group_norms", "group_penalty", "prox_group_lasso_"]
@@ -165,37 +165,43 @@ def _group_penalty_entries(local: list[Tensor], arguments: dict, dtensors: list)
     per_tensor = _weights((weight, l1), arguments["coefficients"], len(local), info)
     groups = _as_rows(local, dims)
     counts = row_counts(groups)
+    splits = split_slices(dtensors, dims)
     group_weight, group_l1 = _per_group(per_tensor, groups, (False, False))
     if arguments["scale_by_size"]:
-        whole_shapes = [(t if d is None else d).shape for t, d in zip(local, dtensors)]
-        sizes = [math.sqrt(math.prod(shape) // shape[k]) if shape and shape[k] else 1.0
-                 for shape, k in zip(whole_shapes, dims)]
-        group_weight = group_weight * torch.tensor(sizes, dtype=group_weight.dtype).to(
-            group_weight.device).repeat_interleave(torch.tensor(counts).to(group_weight.device))
+        group_weight = group_weight * _whole_group_sizes(groups, dims, splits, group_weight)
     if l1 == 0:
         l1_norms, l2_norms = None, _reduce_rows(groups, Reduction.L2, backend, info)
     else:
         l1_norms, l2_norms = _reduce_rows(groups, Reduction.L1_L2, backend, info)
-    squares = list(l2_norms.square().split(counts))
-    split = {}
-    for i, d in enumerate(dtensors):
-        k = _split_dims(d, dims[i]) if d is not None else []
-        if k:
-            split.setdefault((d.device_mesh, tuple(k)), []).append(i)
-    once = [True] * len(local)
-    for (mesh, k), members in split.items():
-        reduced = _SumAcross.apply(torch.cat([squares[i] for i in members]),
-                                   _process_groups(mesh, k)).split([counts[i] for i in members])
-        for i, r in zip(members, reduced):
-            squares[i] = r
-            once[i] = all(mesh.get_coordinate()[j] == 0 for j in k)
-    whole = torch.cat(squares)
-    norms = torch.where(whole != 0, whole.clamp_min(torch.finfo(whole.dtype).tiny).sqrt(), torch.zeros_like(whole))
+    norms = _global_group_norms(l2_norms, counts, splits)
     group_terms = torch.stack([g.sum() for g in (group_weight * norms).split(counts)])
-    terms = count_once(group_terms, once)
+    terms = count_once(group_terms, [s is None or s.first for s in splits])
     if l1_norms is not None:
         terms = terms + torch.stack([g.sum() for g in (group_l1 * l1_norms).split(counts)])
     return terms
+
+
+def _whole_group_sizes(groups: list[Tensor], dims: Sequence[int], splits: Sequence[Optional[SplitSlices]],
+                      like: Tensor) -> Tensor:
+    """``sqrt(group size)`` per group (as ``like``), of the whole groups where they are
+    split over the ranks (the local rows are parts of them)."""
+    sizes = []
+    for g, k, split in zip(groups, dims, splits):
+        shape, at = (tuple(g.shape), 0) if split is None else (tuple(split.shape), k)
+        sizes.append(math.sqrt(math.prod(shape) // shape[at]) if shape and shape[at] else 1.0)
+    counts = torch.tensor(row_counts(groups)).to(like.device)
+    return torch.tensor(sizes, dtype=like.dtype).to(like.device).repeat_interleave(counts)
+
+
+def _global_group_norms(l2_norms: Tensor, counts: Sequence[int],
+                        splits: Sequence[Optional[SplitSlices]]) -> Tensor:
+    """The groups' 2-norms from the local rows' ones: where a tensor's groups are split
+    over the ranks, the sums of squares all-reduced (one number per group); the others as
+    they are. Differentiable, 0 (with gradient 0) for an all-zero group."""
+    if not any(splits):
+        return l2_norms
+    whole = torch.cat(sum_split_slices(list(l2_norms.square().split(list(counts))), splits))
+    return torch.where(whole != 0, whole.clamp_min(torch.finfo(whole.dtype).tiny).sqrt(), torch.zeros_like(whole))
 
 
 @dtensor_aware(reduce=SUM, slices=lambda args: args["dim"], entries=_group_penalty_entries,
@@ -266,7 +272,71 @@ def _shrink_factors(norms: Tensor, thresholds: Tensor) -> Tensor:
     return thresholds.div_(norms.clamp_min_(torch.finfo(norms.dtype).tiny)).neg_().add_(1).clamp_min_(0)
 
 
-@dtensor_aware(in_place="values", slices=lambda args: args["dim"])
+def _on_split_groups(core: Callable) -> Callable[[list, dict, list], None]:
+    """``dtensor_aware``'s ``split=`` for an in-place group op: ``core`` (the op's body,
+    with ``splits=``) on the local shards."""
+    def run(local: list, arguments: dict, splits: list) -> None:
+        rest = dict(arguments)
+        rest.pop(next(iter(arguments)))  # the tensor list, replaced by the local shards
+        core(local, **rest, splits=splits)
+    return run
+
+
+def _shrink_groups_(params: list, threshold: float, dim: int, l1_threshold: float, scale_by_size: bool,
+                    coefficients: Coefficients, backend: str,
+                    splits: Optional[Sequence[Optional[SplitSlices]]] = None) -> None:
+    """:func:`prox_group_lasso_`'s body; ``splits`` says which tensors' groups are split
+    over the ranks (their norms are then all-reduced before the shrink)."""
+    threshold = check_nonnegative("threshold", threshold)
+    l1_threshold = check_nonnegative("l1_threshold", l1_threshold)
+    params = as_list(params)
+    dims = _group_dims(params, dim)
+    params, info = _in_place_target(params, backend, "prox_group_lasso_")
+    if info is None:
+        return
+    per_tensor = _weights((threshold, l1_threshold), coefficients, len(params), info)
+    compiling = torch.compiler.is_compiling()
+    split = splits is not None and any(splits)
+    with torch.no_grad():
+        work = [g.contiguous() for g in _as_rows(params, dims)]
+        work_info = info._replace(contiguous=True)
+        one_pass = None if compiling or split else \
+            getattr(backends.resolve(backend, info.device), "block_shrink_", None)
+        if one_pass is not None:
+            thresholds, l1_thresholds = _per_group(per_tensor, work, (scale_by_size, False))
+            one_pass(work, thresholds, l1_thresholds if l1_threshold > 0 else None)
+        else:
+            if l1_threshold > 0:
+                if compiling:
+                    ops.prox_l1_(work, per_tensor[1], backend)
+                else:
+                    ops.run_prox_l1_(work, per_tensor[1], backend, work_info)
+            thresholds = _group_weights(per_tensor[0], work, dims, scale_by_size, splits)
+            if compiling:
+                norms = ops.reduce(work, int(Reduction.L2), None, backend, 0.0, True)
+            else:
+                norms = ops.run_reduce(work, Reduction.L2, None, backend, work_info, rows=True)
+            if split:
+                norms = _global_group_norms(norms, row_counts(work), splits)
+            if compiling:
+                ops.scale_(work, _shrink_factors(norms, thresholds), backend, True)
+            else:
+                ops.run_scale_(work, _shrink_factors(norms, thresholds), backend, work_info, rows=True)
+        _write_back(params, work, dims)
+    if not compiling:
+        bump_versions(params)
+
+
+def _group_weights(per_tensor: Tensor, groups: list[Tensor], dims: Sequence[int], scale_by_size: bool,
+                   splits: Optional[Sequence[Optional[SplitSlices]]]) -> Tensor:
+    """Per group, its tensor's value (``per_tensor``, ``(n,)``), times ``sqrt(group size)``
+    with ``scale_by_size`` (of the whole group where it is split over the ranks)."""
+    if splits is None or not any(splits) or not scale_by_size:
+        return _per_group(per_tensor[None], groups, (scale_by_size,))[0]
+    return _per_group(per_tensor[None], groups, (False,))[0] * _whole_group_sizes(groups, dims, splits, per_tensor)
+
+
+@dtensor_aware(in_place="values", slices=lambda args: args["dim"], split=_on_split_groups(_shrink_groups_))
 def prox_group_lasso_(params: TensorList, threshold: float, *, dim: int = 0,
                       l1_threshold: float = 0.0, scale_by_size: bool = True,
                       coefficients: Coefficients = None, backend: str = "auto") -> None:
@@ -290,49 +360,12 @@ def prox_group_lasso_(params: TensorList, threshold: float, *, dim: int = 0,
     norms and one reads and writes them to scale them (after a launch that
     soft-thresholds them, for ``l1_threshold``).
     """
-    threshold = check_nonnegative("threshold", threshold)
-    l1_threshold = check_nonnegative("l1_threshold", l1_threshold)
-    params = as_list(params)
-    dims = _group_dims(params, dim)
-    params, info = _in_place_target(params, backend, "prox_group_lasso_")
-    if info is None:
-        return
-    per_tensor = _weights((threshold, l1_threshold), coefficients, len(params), info)
-    compiling = torch.compiler.is_compiling()
-    with torch.no_grad():
-        work = [g.contiguous() for g in _as_rows(params, dims)]
-        work_info = info._replace(contiguous=True)
-        one_pass = None if compiling else getattr(backends.resolve(backend, info.device), "block_shrink_", None)
-        if one_pass is not None:
-            thresholds, l1_thresholds = _per_group(per_tensor, work, (scale_by_size, False))
-            one_pass(work, thresholds, l1_thresholds if l1_threshold > 0 else None)
-        else:
-            if l1_threshold > 0:
-                if compiling:
-                    ops.prox_l1_(work, per_tensor[1], backend)
-                else:
-                    ops.run_prox_l1_(work, per_tensor[1], backend, work_info)
-            thresholds = _per_group(per_tensor[:1], work, (scale_by_size,))[0]
-            if compiling:
-                norms = ops.reduce(work, int(Reduction.L2), None, backend, 0.0, True)
-                ops.scale_(work, _shrink_factors(norms, thresholds), backend, True)
-            else:
-                norms = ops.run_reduce(work, Reduction.L2, None, backend, work_info, rows=True)
-                ops.run_scale_(work, _shrink_factors(norms, thresholds), backend, work_info, rows=True)
-        _write_back(params, work, dims)
-    if not compiling:
-        bump_versions(params)
+    _shrink_groups_(params, threshold, dim, l1_threshold, scale_by_size, coefficients, backend)
 
 
-@dtensor_aware(in_place="grads", slices=lambda args: args["dim"])
-def add_group_penalty_grad_(params: TensorList, weight: float, *, dim: int = 0,
-                            scale_by_size: bool = True, backend: str = "auto") -> None:
-    """In place ``p.grad += weight * s_g * w_g / ||w_g||_2`` (0 for an all-zero group).
-
-    The gradient :func:`group_penalty` (with ``l1=0``) would add in ``backward()``, as
-    one fused pass after it; a ``p.grad`` that is ``None`` becomes the term itself.
-    ``WeightRegularizer`` uses it for its ``add_grad_()`` and ``attach()`` routes.
-    """
+def _add_group_grads_(params: list, weight: float, dim: int, scale_by_size: bool, backend: str,
+                      splits: Optional[Sequence[Optional[SplitSlices]]] = None) -> None:
+    """:func:`add_group_penalty_grad_`'s body; ``splits`` as for :func:`_shrink_groups_`."""
     weight = check_nonnegative("weight", weight)
     params = as_list(params)
     dims = _group_dims(params, dim)
@@ -346,9 +379,23 @@ def add_group_penalty_grad_(params: TensorList, weight: float, *, dim: int = 0,
         work_grads = [g.contiguous() for g in _as_rows(grads, dims)]
         work_info = info._replace(contiguous=True)
         norms = ops.run_reduce(work, Reduction.L2, None, backend, work_info, rows=True)
-        group_weight = _per_group(per_tensor, work, (scale_by_size,))[0]
+        if splits is not None and any(splits):
+            norms = _global_group_norms(norms, row_counts(work), splits)
+        group_weight = _group_weights(per_tensor[0], work, dims, scale_by_size, splits)
         impl = backends.resolve(backend, info.device)
         impl.backward(work, Reduction.L2, group_weight, norms, None, info.acc_dtype,
                       accumulate_into=work_grads, rows=True)
         _write_back(grads, work_grads, dims)
     bump_versions(grads)
+
+
+@dtensor_aware(in_place="grads", slices=lambda args: args["dim"], split=_on_split_groups(_add_group_grads_))
+def add_group_penalty_grad_(params: TensorList, weight: float, *, dim: int = 0,
+                            scale_by_size: bool = True, backend: str = "auto") -> None:
+    """In place ``p.grad += weight * s_g * w_g / ||w_g||_2`` (0 for an all-zero group).
+
+    The gradient :func:`group_penalty` (with ``l1=0``) would add in ``backward()``, as
+    one fused pass after it; a ``p.grad`` that is ``None`` becomes the term itself.
+    ``WeightRegularizer`` uses it for its ``add_grad_()`` and ``attach()`` routes.
+    """
+    _add_group_grads_(params, weight, dim, scale_by_size, backend)

@@ -236,10 +236,10 @@ def group_ops_and_in_place_ops(env: Env) -> None:
         regfuse.prox_l1_(params, 0.05)
         regfuse.prox_l1_(list(reference.parameters()), 0.05)
     compare_values(model, reference, "prox_l1_")
-    whole_rows = [model[0].weight, model[0].bias, model[3].weight]  # rows not split over ranks
-    with torch.no_grad():
-        regfuse.prox_group_lasso_(whole_rows, 0.3)
-        regfuse.prox_group_lasso_([reference[0].weight, reference[0].bias, reference[3].weight], 0.3)
+    # Rowwise's weight has its rows split over tp: their sums of squares are all-reduced.
+    _, counts = all_reduces(lambda: regfuse.prox_group_lasso_(params, 0.3, l1_threshold=0.01))
+    at_most(counts, {"all_reduce": 1}, "prox_group_lasso_: one all-reduce for the split rows, no gather")
+    regfuse.prox_group_lasso_(list(reference.parameters()), 0.3, l1_threshold=0.01)
     compare_values(model, reference, "prox_group_lasso_")
     model = parallel(env)
     local_backward(env, model)
@@ -324,13 +324,11 @@ def in_place_ops_and_clipping(env: Env) -> None:
     regfuse.prox_l1_(mine, 0.5)
     regfuse.prox_l1_(plain, 0.5)
     close_each(mine, plain, "prox_l1_ of tensor", "value")
-    rows = (1, 2, 4, 5)  # whole rows on every rank (no mesh dimension shards dim 1)
-    whole = [t for i, t in enumerate(spread(env, spread_data())) if i in rows]
-    reference = [v.double() for i, v in enumerate(spread_data()) if i in rows]
-    regfuse.prox_group_lasso_(whole, 0.8)
-    regfuse.prox_group_lasso_(reference, 0.8)
-    for a, b in zip(whole, reference):
-        close(a, b, "prox_group_lasso_")
+    for dim in (0, -1):  # rows split over the ranks (Shard(1)) and whole ones, two meshes
+        mine, reference = spread(env, spread_data()), [v.double() for v in spread_data()]
+        regfuse.prox_group_lasso_(mine, 0.8, dim=dim)
+        regfuse.prox_group_lasso_(reference, 0.8, dim=dim)
+        close_each(mine, reference, f"prox_group_lasso_(dim={dim}) of tensor", "value")
     params = [nn.Parameter(t) for t in spread(env, spread_data())]
     ref = [nn.Parameter(v.double()) for v in spread_data()]
     for a, b in zip(params, ref):
@@ -357,9 +355,8 @@ def weight_regularizer_on_a_spread_list(env: Env) -> None:
     close(regfuse.WeightRegularizer(params, l1=L1, l2=L2, group_lasso=GROUP).penalty(),
           regfuse.WeightRegularizer(ref, l1=L1, l2=L2, group_lasso=GROUP).penalty(),
           "WeightRegularizer.penalty() with the group lasso")
-    # (the group lasso's gradient routes need whole groups, as prox_group_lasso_)
-    reg = regfuse.WeightRegularizer(params, l1=L1, l2=L2)
-    ref_reg = regfuse.WeightRegularizer(ref, l1=L1, l2=L2)
+    reg = regfuse.WeightRegularizer(params, l1=L1, l2=L2, group_lasso=GROUP)
+    ref_reg = regfuse.WeightRegularizer(ref, l1=L1, l2=L2, group_lasso=GROUP)
     handle = reg.attach()
     regfuse.penalty(params, l2=0.5).backward()  # any loss over the list
     handle.remove()
