@@ -97,8 +97,9 @@ def check_readable(t: Tensor, what: str) -> None:
     if torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python) and not is_traced(t):
         kind = type(t)
         if kind.__name__ == "DTensor":
-            reason = ("a DTensor where regfuse expects a plain tensor: the public functions take a "
-                      "list of DTensors when all of its tensors are DTensors (on one device mesh)")
+            reason = ("a DTensor where regfuse expects a plain tensor: the public functions take "
+                      "DTensors in their tensor list (on any device meshes, plain tensors mixed "
+                      "in), not in other arguments")
         else:
             reason = ("a tensor subclass whose data regfuse's kernels cannot read; plain tensors, "
                       "nn.Parameter and lists of DTensors are supported")
