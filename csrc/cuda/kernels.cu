@@ -10,7 +10,8 @@
 //   2. a finishing kernel combining each tensor's partials (or, for kPenalty, all of them)
 //      in a fixed order. Fixed block sizes make every combination order fixed, so the same
 //      input gives bitwise the same output.
-#include <cuda_runtime.h>
+//
+// The same file runs on the CPU through the SIMT emulation of simt_cpu.h (see simt.h).
 
 #include <climits>
 #include <cstdint>
@@ -18,6 +19,7 @@
 
 #include "../penalties.h"
 #include "launchers.h"
+#include "simt.h"
 
 namespace regfuse {
 namespace cuda {
@@ -389,14 +391,14 @@ void launch_per_tensor(const Table& table, Acc p, void* workspace, Acc* out, cud
   using State = typename Reducer::State;
   auto* partials = static_cast<State*>(workspace);
   if (table.num_chunks > 0) {
-    reduce_chunks_kernel<Acc, Reducer, State>
-        <<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(table, nullptr, p, partials);
+    REGFUSE_LAUNCH(grid_for(table.num_chunks), kChunkThreads, stream, reduce_chunks_kernel<Acc, Reducer, State>)(
+        table, nullptr, p, partials);
   }
   if (table.num_tensors > 0) {
     const int64_t warps_per_block = kFinishThreads / kWarpSize;
     const int64_t blocks = (table.num_tensors + warps_per_block - 1) / warps_per_block;
-    finish_per_tensor_kernel<Acc, Reducer, kRoot>
-        <<<grid_for(blocks), kFinishThreads, 0, stream>>>(table, partials, p, out);
+    REGFUSE_LAUNCH(grid_for(blocks), kFinishThreads, stream, finish_per_tensor_kernel<Acc, Reducer, kRoot>)(
+        table, partials, p, out);
   }
 }
 
@@ -415,11 +417,11 @@ void launch_reduce(const Table& table, int op, const Acc* weights, Acc p, void* 
     case kNegInf: launch_per_tensor<Acc, AbsMin<Acc>>(table, p, partials, out, stream); break;
     case kPenalty:
       if (table.num_chunks > 0) {
-        reduce_chunks_kernel<Acc, AbsAndSquareSum<Acc>, Acc>
-            <<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(table, weights, p, partials);
+        REGFUSE_LAUNCH(grid_for(table.num_chunks), kChunkThreads, stream,
+                       reduce_chunks_kernel<Acc, AbsAndSquareSum<Acc>, Acc>)(table, weights, p, partials);
       }
       // Also for an all-empty list: out[0] = 0.
-      finish_penalty_kernel<Acc><<<1, kPenaltyThreads, 0, stream>>>(table.num_chunks, partials, out);
+      REGFUSE_LAUNCH(1, kPenaltyThreads, stream, finish_penalty_kernel<Acc>)(table.num_chunks, partials, out);
       break;
     default: break;  // the binding validates op
   }
@@ -429,7 +431,7 @@ template <typename Op, typename Acc>
 void launch_elementwise(const Table& table, const Acc* coeff_table, const int64_t* out_ptrs,
                         const FlatOutputs& flat, cudaStream_t stream) {
   if (table.num_chunks == 0) return;
-  elementwise_kernel<Acc, Op><<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(
+  REGFUSE_LAUNCH(grid_for(table.num_chunks), kChunkThreads, stream, elementwise_kernel<Acc, Op>)(
       table, coeff_table, out_ptrs, flat);
 }
 

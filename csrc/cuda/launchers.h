@@ -50,5 +50,14 @@ const char* prox_l1(const int64_t* meta, MetaLayout layout, const void* threshol
 const char* scale(const int64_t* meta, MetaLayout layout, const void* factors, bool acc_double,
                   void* stream);
 
+#ifndef __CUDACC__
+// The emulation's settings (simt_cpu.h's Config), where these kernels are built for the
+// CPU: threads as OS threads instead of fibers, the order of the blocks (0 grid order,
+// 1 reversed, 2 shuffled with `seed`), a grid replacing every launch's (0: none).
+void configure_emulation(bool threads, int block_order, uint64_t seed, unsigned int grid);
+// Kernel launches since the process started.
+uint64_t emulated_launches();
+#endif
+
 }  // namespace cuda
 }  // namespace regfuse
