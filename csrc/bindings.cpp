@@ -13,6 +13,7 @@
 #include <list>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -418,6 +419,26 @@ void check_cuda_status(const char* error) { TORCH_CHECK(error == nullptr, "regfu
 
 void* stream_ptr(int64_t stream) { return reinterpret_cast<void*>(stream); }
 
+// The counter of the reductions launched on a stream (launchers.h::reduce), one per device,
+// stream and graph capture, zeroed once when made (a fill queued on that stream before its
+// first reduction) and left at zero by every launch, so no call clears it. Launches on one
+// stream run one after another; another stream's, or another graph's (two graphs captured
+// on one stream may be replayed at once on two), have counters of their own. A counter
+// made while capturing is zeroed by a fill node of the graph (once per replay, before its
+// first reduction on that stream) and lives as long as the process: the graph may be
+// replayed any time.
+unsigned int* reduce_counter(const at::Device& device, int64_t stream, bool capturing) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int64_t, unsigned long long>, at::Tensor> counters;
+  const unsigned long long capture = capturing ? cuda::capture_id(stream_ptr(stream)) : 0;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(static_cast<int>(device.type()), static_cast<int>(device.index()), stream, capture);
+  auto found = counters.find(key);
+  if (found == counters.end()) {
+    found = counters.emplace(key, at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device))).first;
+  }
+  return reinterpret_cast<unsigned int*>(found->second.data_ptr<int32_t>());
+}
 #endif
 
 // ---- ops -------------------------------------------------------------------------------
@@ -451,9 +472,10 @@ at::Tensor reduce(const std::vector<at::Tensor>& tensors, int64_t op,
     at::Tensor workspace = at::empty(
         {static_cast<int64_t>(cuda::reduce_workspace_bytes(meta.layout, acc_double))},
         tensors[0].options().dtype(at::kByte));
+    unsigned int* counter = reduce_counter(tensors[0].device(), stream, capturing);
     py::gil_scoped_release no_gil;  // an emulated launch runs for a while
     check_cuda_status(cuda::reduce(table, meta.layout, static_cast<int>(op), w_ptr, acc_double, p,
-                                   workspace.data_ptr(), out.data_ptr(), stream_ptr(stream)));
+                                   workspace.data_ptr(), counter, out.data_ptr(), stream_ptr(stream)));
 #endif
   } else {
     py::gil_scoped_release no_gil;

@@ -146,6 +146,7 @@ void check_list(const std::string& name, const std::vector<Tensor>& ts, const st
   const int64_t n = table.layout.num_tensors;
   const std::string label = name + (rows ? " rows" : "") + (acc_double ? " f64acc" : " f32acc");
   std::vector<unsigned char> workspace(cuda::reduce_workspace_bytes(table.layout, acc_double) + 1);
+  unsigned int counter = 0;
 
   // Reductions: op, p, oracle of one entry.
   struct Op {
@@ -156,7 +157,7 @@ void check_list(const std::string& name, const std::vector<Tensor>& ts, const st
   for (const Op& op : ops) {
     std::vector<Acc> out(op.op == kL1L2 ? 2 * n : n);
     const char* error = cuda::reduce(table.meta.data(), table.layout, op.op, nullptr, acc_double, op.p,
-                                     workspace.data(), out.data(), nullptr);
+                                     workspace.data(), &counter, out.data(), nullptr);
     if (error != nullptr) std::printf("ERROR %s: %s\n", label.c_str(), error), ++failures;
     for (int64_t j = 0; j < n; ++j) {
       double l1 = 0, sq = 0, mx = 0, mn = INFINITY, lp = 0, l0 = 0;
@@ -176,6 +177,7 @@ void check_list(const std::string& name, const std::vector<Tensor>& ts, const st
         default: expect(what, out[j], l1, rtol), expect(what + " l2", out[n + j], std::sqrt(sq), rtol); break;
       }
     }
+    if (counter != 0) std::printf("ERROR %s: the counter was left at %u\n", label.c_str(), counter), ++failures;
   }
   if (rows != nullptr) return;  // the rest runs over the tensors, as regfuse does
 
@@ -194,7 +196,7 @@ void check_list(const std::string& name, const std::vector<Tensor>& ts, const st
   }
   Acc total = 0;
   cuda::reduce(table.meta.data(), table.layout, kPenalty, weights.data(), acc_double, 0, workspace.data(),
-               &total, nullptr);
+               &counter, &total, nullptr);
   expect(label + " penalty", total, penalty, rtol);
 
   // Gradients into flat buffers (one per dtype, exactly sized), then added in place into

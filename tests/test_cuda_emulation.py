@@ -1,6 +1,7 @@
 """The cuda backend on CPU tensors (``REGFUSE_CUDA_EMULATE=1``, csrc/cuda/simt_cpu.h): the
 switch itself, and what only the CUDA kernels need: several chunks, misaligned inputs and
-outputs, reruns and any grid giving the same bits, threads giving the bits fibers give.
+outputs, reruns, any grid and any block order giving the same bits, threads giving the
+bits fibers give, one launch per reduction.
 
 The backend-parametrized op tests run the emulated cuda backend too (tests/conftest.py
 sets the variable where there is no GPU); this file adds the cases those do not cover.
@@ -139,9 +140,46 @@ def test_any_grid_gives_the_same_bits(emulation, grid):
         assert_bitwise_equal(a, b, "prox_l1_")
 
 
+@pytest.mark.parametrize("order, seed", [("reversed", 0), ("shuffled", 1), ("shuffled", 2)])
+def test_the_last_block_finishes_the_same_whatever_the_block_order(emulation, order, seed):
+    tensors = _chunky()
+    rows = [torch.randn(5, CHUNK + 3), torch.randn(4, 3, dtype=F64)]  # kL1L2 over rows
+    want = _every_reduction(tensors) + [regfuse.group_penalty(rows, 0.2, l1=0.1, backend="cuda")]
+    emulation(block_order=order, seed=seed)
+    got = _every_reduction(tensors) + [regfuse.group_penalty(rows, 0.2, l1=0.1, backend="cuda")]
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_bitwise_equal(a, b, f"reduction {i}, blocks {order} (seed {seed})")
+
+
 def test_threads_give_the_same_bits_as_fibers(emulation):
     tensors = [torch.randn(CHUNK + 100), torch.randn(33, dtype=F16), torch.randn(0)]
     want = _every_reduction(tensors)
     emulation(threads=True)
     for i, (a, b) in enumerate(zip(_every_reduction(tensors), want)):
         assert_bitwise_equal(a, b, f"reduction {i} on threads")
+
+
+def _launches(fn) -> int:
+    before = _C.cuda_emulation_launches()
+    fn()
+    return _C.cuda_emulation_launches() - before
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf, 0.5, 0, -math.inf])
+def test_one_launch_per_reduction(p):
+    tensors = _chunky()
+    assert _launches(lambda: regfuse.norms(tensors, p, backend="cuda")) == 1
+    assert _launches(lambda: regfuse.total_norm(tensors, p, backend="cuda")) == 1
+    assert _launches(lambda: regfuse.penalty(tensors, 0.1, 0.2, backend="cuda")) == 1
+    assert _launches(lambda: regfuse.norms([torch.randn(0)], p, backend="cuda")) == 1  # no chunk at all
+    assert _launches(lambda: regfuse.group_norms([torch.randn(6, 7)], backend="cuda")) == 1
+
+
+def test_one_launch_per_gradient_and_in_place_op():
+    leaves = [t.clone().requires_grad_() for t in _chunky()]
+    loss = regfuse.penalty(leaves, 0.1, 0.2, backend="cuda")
+    assert _launches(loss.backward) == 1
+    assert _launches(lambda: regfuse.add_penalty_grad_(leaves, 0.1, 0.2, backend="cuda")) == 1
+    assert _launches(lambda: regfuse.prox_l1_([t.detach() for t in leaves], 0.1, backend="cuda")) == 1
+    # clip_grad_norm_: the total norm, then the scale.
+    assert _launches(lambda: regfuse.clip_grad_norm_(leaves, 1e-3, backend="cuda")) == 2

@@ -6,8 +6,8 @@
 // __syncthreads, __shfl_down_sync (lane l receives lane l + offset's value, its own past
 // the end of the warp, as CUDA's width-32 rule), __shared__ storage (one copy, used by one
 // block at a time), __ldcg / __stwb, atomicAdd / atomicExch on unsigned int,
-// __threadfence, cudaGetLastError / cudaGetErrorString, and the launch (simt.h's
-// REGFUSE_LAUNCH).
+// __threadfence, cudaGetLastError / cudaGetErrorString, cudaStreamGetCaptureInfo (never
+// capturing), and the launch (simt.h's REGFUSE_LAUNCH).
 //
 // How it runs a launch: one block after another, in an order set by Config (grid order,
 // reversed, or shuffled with a seed: a reduction must not depend on it). The threads of a
@@ -71,6 +71,7 @@ struct alignas(16) uint4 {
 
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9 };
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
 
 namespace regfuse {
 namespace simt {
@@ -500,6 +501,13 @@ inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
 }
 inline unsigned int atomicExch(unsigned int* address, unsigned int value) {
   return __atomic_exchange_n(address, value, __ATOMIC_SEQ_CST);
+}
+
+// No graphs here: a stream never captures.
+inline cudaError_t cudaStreamGetCaptureInfo(cudaStream_t, cudaStreamCaptureStatus* status, unsigned long long* id) {
+  *status = cudaStreamCaptureStatusNone;
+  *id = 0;
+  return cudaSuccess;
 }
 
 inline cudaError_t cudaGetLastError() {
