@@ -1,7 +1,7 @@
 """The cuda backend on CPU tensors (``REGFUSE_CUDA_EMULATE=1``, csrc/cuda/simt_cpu.h): the
 switch itself, and what only the CUDA kernels need: several chunks, misaligned inputs and
 outputs, reruns, any grid and any block order giving the same bits, threads giving the
-bits fibers give, one launch per reduction.
+bits fibers give, one launch per reduction, and the kernel bugs the emulation found.
 
 The backend-parametrized op tests run the emulated cuda backend too (tests/conftest.py
 sets the variable where there is no GPU); this file adds the cases those do not cover.
@@ -183,3 +183,22 @@ def test_one_launch_per_gradient_and_in_place_op():
     assert _launches(lambda: regfuse.prox_l1_([t.detach() for t in leaves], 0.1, backend="cuda")) == 1
     # clip_grad_norm_: the total norm, then the scale.
     assert _launches(lambda: regfuse.clip_grad_norm_(leaves, 1e-3, backend="cuda")) == 2
+
+
+@pytest.mark.parametrize("weight", [math.inf, math.nan])
+@pytest.mark.parametrize("acc_dtype", [F32, F64])
+def test_a_non_finite_weight_of_an_empty_tensor_gives_nan(weight, acc_dtype):
+    """Found by the emulation: an empty tensor owns no chunk, so its weight was never
+    applied and an inf or NaN weight gave a finite penalty where the reference gives
+    w * 0 = NaN (reachable with a CUDA coefficients tensor, which is not checked on the
+    host)."""
+    device = torch.device("cpu")
+    tensors = [torch.randn(5, dtype=acc_dtype), torch.randn(0, dtype=acc_dtype)]
+    weights = torch.tensor([[1.0, weight], [0.5, 0.0]], dtype=acc_dtype)
+    reference = backends.resolve("reference", device)
+    want = reference.reduce(tensors, Reduction.PENALTY, weights, acc_dtype)
+    assert want.isnan()
+    assert cuda_backend.reduce(tensors, Reduction.PENALTY, weights, acc_dtype).isnan()
+    weights[0, 1] = 2.0  # a finite weight of an empty tensor changes nothing
+    assert_close(cuda_backend.reduce(tensors, Reduction.PENALTY, weights, acc_dtype),
+                 reference.reduce(tensors, Reduction.PENALTY, weights, acc_dtype))

@@ -263,11 +263,18 @@ __device__ __forceinline__ void finish_per_tensor(const Table& table, const type
 
 // kPenalty finish, by the last block: the sum of every chunk's weighted partial (thread t
 // takes chunks t, t + blockDim.x, ... in order, then block_reduce's fixed tree) into out[0].
+// An empty tensor owns no chunk, yet its weights count as w * 0, as in the reference: an
+// inf or NaN weight makes the penalty NaN (0 * inf), whether its tensor is empty or not.
 template <typename Acc>
-__device__ __forceinline__ void finish_penalty(const Table& table, const Acc* partials, Acc* out) {
+__device__ __forceinline__ void finish_penalty(const Table& table, const Acc* weights, const Acc* partials,
+                                               Acc* out) {
   using Sum = AbsSum<Acc>;  // only its combine (a + b) is used
+  const int64_t n = table.num_tensors;
   Acc s = Acc(0);
   for (int64_t c = threadIdx.x; c < table.num_chunks; c += blockDim.x) s = s + load_partial(partials + c);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    if (table.numels[i] == 0) s = s + AbsAndSquareSum<Acc>::weighted({Acc(0), Acc(0)}, weights[i], weights[n + i]);
+  }
   s = block_reduce<Sum>(s);
   if (threadIdx.x == 0) out[0] = s;
 }
@@ -303,7 +310,7 @@ reduce_kernel(Table table, const Acc* weights, Acc p, Partial* partials, unsigne
   if constexpr (std::is_same<Partial, typename Reducer::State>::value) {
     finish_per_tensor<Reducer, kRoot>(table, partials, p, out);
   } else {
-    finish_penalty(table, partials, out);
+    finish_penalty(table, weights, partials, out);
   }
 }
 
