@@ -26,9 +26,10 @@
 // scheduling within a warp (lanes diverge and reconverge freely; a shuffle is a warp-wide
 // rendezvous, and its mask is not checked), timing and occupancy, streams (a launch runs
 // to completion before returning), dynamic shared memory, y/z dimensions, and the
-// address spaces (a host pointer "on the device" is not an error). A fiber run in thread
-// order cannot reveal a missing __syncthreads either: that needs Mode::kThreads under
-// ThreadSanitizer.
+// address spaces (a host pointer "on the device" is not an error). Fibers run in thread
+// order turn some missing __syncthreads into wrong results, not all (a missing barrier
+// between the last reads of a __shared__ array and its next writes goes unseen): those
+// need Mode::kThreads under ThreadSanitizer.
 #pragma once
 
 #include <algorithm>
