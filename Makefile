@@ -6,10 +6,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.h)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 BENCH_ARGS ?=
 
-.PHONY: all setup build test test-python cuda-check triton-check install-check gpu-check bench clean
+.PHONY: all setup build test test-python cuda-check sanitize-cuda triton-check install-check gpu-check bench clean
 
 all: test
 
@@ -37,6 +37,13 @@ test-python: build
 cuda-check:
 	@if command -v nvcc >/dev/null 2>&1; then PYTHON=$(PY) bash scripts/check_cuda.sh; \
 	else echo "cuda-check: nvcc not found, skipped"; fi
+
+# Memory and race checks of the CUDA kernels without a GPU (CI runs it after `make test`):
+# kernels.cu compiled for the CPU through csrc/cuda/simt_cpu.h, every launcher on the
+# cases of scripts/sanitizer_smoke.py under ASan+UBSan and, one OS thread per CUDA
+# thread, under TSan; any report or wrong value fails. Needs g++ (or CXX) only.
+sanitize-cuda:
+	bash scripts/check_cuda_emulation.sh
 
 # The Triton kernels too, for sm_80/sm_90 through Triton's compiler (no GPU needed).
 triton-check: build

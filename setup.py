@@ -1,5 +1,7 @@
 """Builds regfuse._C: the CPU kernels always, the CUDA kernels when the torch it builds
-against has CUDA (or REGFUSE_FORCE_CUDA=1). Metadata lives in pyproject.toml.
+against has CUDA (or REGFUSE_FORCE_CUDA=1), else the same CUDA kernels compiled for the
+CPU (csrc/cuda/simt_cpu.h; run with REGFUSE_CUDA_EMULATE=1). Metadata lives in
+pyproject.toml.
 
 Install with ``pip install --no-build-isolation .`` (or ``-e .``) so that the build uses
 the installed torch. Build settings read from the environment:
@@ -55,7 +57,11 @@ if with_cuda():
         extra_link_args=["-fopenmp"],
     )
 else:
-    extension = CppExtension("regfuse._C", sources, extra_compile_args=cxx_flags,
+    # The CUDA kernels compiled for the CPU through csrc/cuda/simt_cpu.h: the cuda backend
+    # on CPU tensors with REGFUSE_CUDA_EMULATE=1 (tests without a GPU).
+    extension = CppExtension("regfuse._C", sources + ["csrc/cuda/kernels_emulated.cpp"],
+                             define_macros=[("REGFUSE_WITH_CUDA_EMULATION", None)],
+                             extra_compile_args=cxx_flags + ["-Wno-unknown-pragmas"],  # nvcc's unroll
                              extra_link_args=["-fopenmp"])
 
 setup(

@@ -11,14 +11,20 @@
 #include <cmath>
 #include <cstdlib>
 #include <list>
+#include <map>
 #include <mutex>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
 #include "cpu/kernels.h"
 #include "multi_tensor.h"
 #include "regfuse.h"
-#ifdef REGFUSE_WITH_CUDA
+// The CUDA launchers: compiled by nvcc (REGFUSE_WITH_CUDA), or, in a build without CUDA,
+// the same kernels compiled for the CPU through csrc/cuda/simt_cpu.h
+// (REGFUSE_WITH_CUDA_EMULATION), which run CPU tensors on request (`emulated_cuda`).
+#if defined(REGFUSE_WITH_CUDA) || defined(REGFUSE_WITH_CUDA_EMULATION)
+#define REGFUSE_CUDA_KERNELS
 #include "cuda/launchers.h"
 #endif
 
@@ -381,27 +387,58 @@ MetadataCache& metadata_cache() {
 
 bool on_cuda(const std::vector<at::Tensor>& tensors) { return tensors[0].device().is_cuda(); }
 
-int64_t chunk_size_for(const std::vector<at::Tensor>& tensors) {
-#ifdef REGFUSE_WITH_CUDA
-  if (on_cuda(tensors)) return cuda::kChunkSize;
-#endif
-  return cpu::kChunkSize;
-}
-
-// The table of a checked list (check_list) for this extension's kernels; with `rows`,
-// over the rows of its tensors.
-Metadata metadata_for(const std::vector<at::Tensor>& tensors, int64_t stream, bool capturing,
-                      bool rows = false) {
+// Whether a call on a checked list runs the CUDA launchers: for CUDA tensors, and with
+// `emulated_cuda` for CPU tensors, where the build has the CPU-compiled CUDA kernels.
+bool uses_cuda_kernels(const std::vector<at::Tensor>& tensors, bool emulated_cuda) {
 #ifndef REGFUSE_WITH_CUDA
   TORCH_CHECK(!on_cuda(tensors), "regfuse: this build of the extension has no CUDA kernels");
 #endif
-  return metadata_cache().get(tensors, chunk_size_for(tensors), stream, capturing, rows);
+  if (!emulated_cuda) return on_cuda(tensors);
+#ifdef REGFUSE_WITH_CUDA_EMULATION
+  TORCH_CHECK_VALUE(tensors[0].device().is_cpu(), "regfuse: the emulated CUDA kernels run CPU tensors only, got ",
+                    tensors[0].device());
+  return true;
+#else
+  TORCH_CHECK(false, "regfuse: this build of the extension has no emulated CUDA kernels");
+#endif
 }
 
-#ifdef REGFUSE_WITH_CUDA
+// The table of a checked list (check_list) for the CUDA kernels or the CPU ones; with
+// `rows`, over the rows of its tensors.
+Metadata metadata_for(const std::vector<at::Tensor>& tensors, bool cuda_kernels, int64_t stream,
+                      bool capturing, bool rows = false) {
+  int64_t chunk_size = cpu::kChunkSize;
+#ifdef REGFUSE_CUDA_KERNELS
+  if (cuda_kernels) chunk_size = cuda::kChunkSize;
+#endif
+  return metadata_cache().get(tensors, chunk_size, stream, capturing, rows);
+}
+
+#ifdef REGFUSE_CUDA_KERNELS
 void check_cuda_status(const char* error) { TORCH_CHECK(error == nullptr, "regfuse CUDA kernel: ", error); }
 
 void* stream_ptr(int64_t stream) { return reinterpret_cast<void*>(stream); }
+
+// The counter of the reductions launched on a stream (launchers.h::reduce), one per device,
+// stream and graph capture, zeroed once when made (a fill queued on that stream before its
+// first reduction) and left at zero by every launch, so no call clears it. Launches on one
+// stream run one after another; another stream's, or another graph's (two graphs captured
+// on one stream may be replayed at once on two), have counters of their own. A counter
+// made while capturing is zeroed by a fill node of the graph (once per replay, before its
+// first reduction on that stream) and lives as long as the process: the graph may be
+// replayed any time.
+unsigned int* reduce_counter(const at::Device& device, int64_t stream, bool capturing) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int64_t, unsigned long long>, at::Tensor> counters;
+  const unsigned long long capture = capturing ? cuda::capture_id(stream_ptr(stream)) : 0;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(static_cast<int>(device.type()), static_cast<int>(device.index()), stream, capture);
+  auto found = counters.find(key);
+  if (found == counters.end()) {
+    found = counters.emplace(key, at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device))).first;
+  }
+  return reinterpret_cast<unsigned int*>(found->second.data_ptr<int32_t>());
+}
 #endif
 
 // ---- ops -------------------------------------------------------------------------------
@@ -411,8 +448,9 @@ void* stream_ptr(int64_t stream) { return reinterpret_cast<void*>(stream); }
 // table's entries are the rows of the tensors (per-row results and scales).
 at::Tensor reduce(const std::vector<at::Tensor>& tensors, int64_t op,
                   const c10::optional<at::Tensor>& weights, bool acc_double, int64_t stream,
-                  bool capturing, double p, bool rows) {
+                  bool capturing, double p, bool rows, bool emulated_cuda) {
   check_list(tensors, "tensor");
+  const bool cuda_kernels = uses_cuda_kernels(tensors, emulated_cuda);
   TORCH_CHECK_VALUE(op >= kL1 && op <= kL1L2, "regfuse: unknown reduction ", op);
   TORCH_CHECK_VALUE(!(rows && op == kPenalty), "regfuse: the penalty reduction takes per-tensor weights, not rows");
   TORCH_CHECK_VALUE(op != kLp || (p > 0 && std::isfinite(p)),
@@ -421,7 +459,7 @@ at::Tensor reduce(const std::vector<at::Tensor>& tensors, int64_t op,
   const at::Tensor w = op == kPenalty ? per_tensor_table(weights, "weights", 2, tensors, acc_double)
                                       : at::Tensor();
   const void* w_ptr = w.defined() ? w.data_ptr() : nullptr;
-  const Metadata meta = metadata_for(tensors, stream, capturing, rows);
+  const Metadata meta = metadata_for(tensors, cuda_kernels, stream, capturing, rows);
   c10::DeviceGuard guard(tensors[0].device());
   const auto options = tensors[0].options().dtype(acc_double ? at::kDouble : at::kFloat);
   const int64_t entries = meta.layout.num_tensors;
@@ -429,13 +467,15 @@ at::Tensor reduce(const std::vector<at::Tensor>& tensors, int64_t op,
                    : op == kL1L2  ? at::empty({2, entries}, options)
                                   : at::empty({entries}, options);
   const int64_t* table = meta.table.data_ptr<int64_t>();
-  if (on_cuda(tensors)) {
-#ifdef REGFUSE_WITH_CUDA
+  if (cuda_kernels) {
+#ifdef REGFUSE_CUDA_KERNELS
     at::Tensor workspace = at::empty(
         {static_cast<int64_t>(cuda::reduce_workspace_bytes(meta.layout, acc_double))},
         tensors[0].options().dtype(at::kByte));
+    unsigned int* counter = reduce_counter(tensors[0].device(), stream, capturing);
+    py::gil_scoped_release no_gil;  // an emulated launch runs for a while
     check_cuda_status(cuda::reduce(table, meta.layout, static_cast<int>(op), w_ptr, acc_double, p,
-                                   workspace.data_ptr(), out.data_ptr(), stream_ptr(stream)));
+                                   workspace.data_ptr(), counter, out.data_ptr(), stream_ptr(stream)));
 #endif
   } else {
     py::gil_scoped_release no_gil;
@@ -524,27 +564,29 @@ GradOutputs allocate_grads(const std::vector<at::Tensor>& tensors, const Metadat
 // gradients (views of one flat buffer per dtype).
 std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, const at::Tensor& scales,
                                      bool acc_double, const std::vector<at::Tensor>* into,
-                                     int64_t stream, bool capturing, bool rows) {
+                                     int64_t stream, bool capturing, bool rows, bool emulated_cuda) {
   check_list(tensors, "tensor");
+  const bool cuda_kernels = uses_cuda_kernels(tensors, emulated_cuda);
   if (into != nullptr) {
     check_matching(*into, tensors);
     check_list(*into, "gradient");
   }
   const at::Tensor s = per_tensor_table(scales, "scales", 2, tensors, acc_double, num_entries(tensors, rows));
-  const Metadata meta = metadata_for(tensors, stream, capturing, rows);
+  const Metadata meta = metadata_for(tensors, cuda_kernels, stream, capturing, rows);
   c10::DeviceGuard guard(tensors[0].device());
   const int64_t* table = meta.table.data_ptr<int64_t>();
-  if (on_cuda(tensors)) {
-#ifdef REGFUSE_WITH_CUDA
+  if (cuda_kernels) {
+#ifdef REGFUSE_CUDA_KERNELS
     GradOutputs out;
     const int64_t* out_table = nullptr;
     Metadata out_meta;
     if (into != nullptr) {
-      out_meta = metadata_for(*into, stream, capturing, rows);
+      out_meta = metadata_for(*into, true, stream, capturing, rows);
       out_table = out_meta.table.data_ptr<int64_t>();
     } else {
       out = allocate_grads(tensors, meta, rows);
     }
+    py::gil_scoped_release no_gil;
     check_cuda_status(cuda::backward(table, meta.layout, s.data_ptr(), acc_double, out_table,
                                      out.base, stream_ptr(stream)));
     return std::move(out.grads);
@@ -565,13 +607,14 @@ std::vector<at::Tensor> run_backward(const std::vector<at::Tensor>& tensors, con
 }
 
 std::vector<at::Tensor> grad(const std::vector<at::Tensor>& tensors, const at::Tensor& scales,
-                             bool acc_double, int64_t stream, bool capturing, bool rows) {
-  return run_backward(tensors, scales, acc_double, nullptr, stream, capturing, rows);
+                             bool acc_double, int64_t stream, bool capturing, bool rows, bool emulated_cuda) {
+  return run_backward(tensors, scales, acc_double, nullptr, stream, capturing, rows, emulated_cuda);
 }
 
 void add_grad_(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& tensors,
-               const at::Tensor& scales, bool acc_double, int64_t stream, bool capturing, bool rows) {
-  run_backward(tensors, scales, acc_double, &grads, stream, capturing, rows);
+               const at::Tensor& scales, bool acc_double, int64_t stream, bool capturing, bool rows,
+               bool emulated_cuda) {
+  run_backward(tensors, scales, acc_double, &grads, stream, capturing, rows, emulated_cuda);
 }
 
 // The in-place element-wise ops: each element of entry i is updated with per_tensor[i]
@@ -580,21 +623,23 @@ enum class InPlace { kProxL1, kScale, kBlockShrink, kSparseBlockShrink };
 
 void update_in_place(const std::vector<at::Tensor>& tensors, const at::Tensor& per_tensor,
                      const char* name, bool acc_double, int64_t stream, bool capturing, InPlace kind,
-                     bool rows = false) {
+                     bool rows = false, bool emulated_cuda = false) {
   check_list(tensors, "tensor");
+  const bool cuda_kernels = uses_cuda_kernels(tensors, emulated_cuda);
   const bool sparse = kind == InPlace::kSparseBlockShrink;
   const at::Tensor t =
       per_tensor_table(per_tensor, name, sparse ? 2 : 1, tensors, acc_double, num_entries(tensors, rows));
   // On a GPU the block soft-threshold is the row norms and the per-row scale (two
   // launches, see regfuse/groups.py): a block cannot scale a row that other blocks sum.
-  TORCH_CHECK_VALUE((kind != InPlace::kBlockShrink && !sparse) || !on_cuda(tensors),
+  TORCH_CHECK_VALUE((kind != InPlace::kBlockShrink && !sparse) || !cuda_kernels,
                     "regfuse: block_shrink_ runs on CPU tensors only");
-  const Metadata meta = metadata_for(tensors, stream, capturing, rows);
+  const Metadata meta = metadata_for(tensors, cuda_kernels, stream, capturing, rows);
   c10::DeviceGuard guard(tensors[0].device());
   const int64_t* table = meta.table.data_ptr<int64_t>();
-  if (on_cuda(tensors)) {
-#ifdef REGFUSE_WITH_CUDA
+  if (cuda_kernels) {
+#ifdef REGFUSE_CUDA_KERNELS
     const auto launch = kind == InPlace::kScale ? cuda::scale : cuda::prox_l1;
+    py::gil_scoped_release no_gil;
     check_cuda_status(launch(table, meta.layout, t.data_ptr(), acc_double, stream_ptr(stream)));
 #endif
   } else {
@@ -610,14 +655,16 @@ void update_in_place(const std::vector<at::Tensor>& tensors, const at::Tensor& p
 }
 
 void prox_l1_(const std::vector<at::Tensor>& tensors, const at::Tensor& thresholds, bool acc_double,
-              int64_t stream, bool capturing) {
-  update_in_place(tensors, thresholds, "thresholds", acc_double, stream, capturing, InPlace::kProxL1);
+              int64_t stream, bool capturing, bool emulated_cuda) {
+  update_in_place(tensors, thresholds, "thresholds", acc_double, stream, capturing, InPlace::kProxL1, false,
+                  emulated_cuda);
 }
 
 // With `rows`, one factor per row: block soft-thresholding scales each group by its factor.
 void scale_(const std::vector<at::Tensor>& tensors, const at::Tensor& factors, bool acc_double,
-            int64_t stream, bool capturing, bool rows) {
-  update_in_place(tensors, factors, "factors", acc_double, stream, capturing, InPlace::kScale, rows);
+            int64_t stream, bool capturing, bool rows, bool emulated_cuda) {
+  update_in_place(tensors, factors, "factors", acc_double, stream, capturing, InPlace::kScale, rows,
+                  emulated_cuda);
 }
 
 // One pass per row: its norm, then the row scaled by max(0, 1 - thresholds[row] / norm);
@@ -647,6 +694,25 @@ bool built_with_cuda() {
 #endif
 }
 
+bool built_with_cuda_emulation() {
+#ifdef REGFUSE_WITH_CUDA_EMULATION
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef REGFUSE_WITH_CUDA_EMULATION
+// Settings of the emulated CUDA launches, for tests (launchers.h::configure_emulation).
+void configure_cuda_emulation(bool threads, const std::string& block_order, uint64_t seed, unsigned int grid) {
+  static const std::map<std::string, int> kOrders = {{"forward", 0}, {"reversed", 1}, {"shuffled", 2}};
+  const auto order = kOrders.find(block_order);
+  TORCH_CHECK_VALUE(order != kOrders.end(), "regfuse: block_order must be 'forward', 'reversed' or 'shuffled', got ",
+                    block_order);
+  cuda::configure_emulation(threads, order->second, seed, grid);
+}
+#endif
+
 }  // namespace
 }  // namespace regfuse
 
@@ -663,21 +729,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // capturing a CUDA graph. Both key and pin the cached tables (MetadataCache). rows: the
   // table's entries are the rows of each tensor along dim 0 (per-row results, scales and
   // factors).
+  // emulated_cuda: CPU tensors through the CUDA launchers compiled for the CPU
+  // (built_with_cuda_emulation()).
   m.def("reduce", &reduce, "per-entry norms or the weighted penalty", py::arg("tensors"),
         py::arg("op"), py::arg("weights"), py::arg("acc_double"), py::arg("stream") = 0,
-        py::arg("capturing") = false, py::arg("p") = 0.0, py::arg("rows") = false);
+        py::arg("capturing") = false, py::arg("p") = 0.0, py::arg("rows") = false,
+        py::arg("emulated_cuda") = false);
   m.def("grad", &grad, "a*sign(x)+b*x per entry, as views of one flat buffer per dtype",
         py::arg("tensors"), py::arg("scales"), py::arg("acc_double"), py::arg("stream") = 0,
-        py::arg("capturing") = false, py::arg("rows") = false);
+        py::arg("capturing") = false, py::arg("rows") = false, py::arg("emulated_cuda") = false);
   m.def("add_grad_", &add_grad_, "grads[i] += a*sign(x)+b*x in place", py::arg("grads"),
         py::arg("tensors"), py::arg("scales"), py::arg("acc_double"), py::arg("stream") = 0,
-        py::arg("capturing") = false, py::arg("rows") = false);
+        py::arg("capturing") = false, py::arg("rows") = false, py::arg("emulated_cuda") = false);
   m.def("prox_l1_", &prox_l1_, "in-place soft-thresholding", py::arg("tensors"),
         py::arg("thresholds"), py::arg("acc_double"), py::arg("stream") = 0,
-        py::arg("capturing") = false);
+        py::arg("capturing") = false, py::arg("emulated_cuda") = false);
   m.def("scale_", &scale_, "in-place x *= factors[i]; entries with factor 1 untouched",
         py::arg("tensors"), py::arg("factors"), py::arg("acc_double"), py::arg("stream") = 0,
-        py::arg("capturing") = false, py::arg("rows") = false);
+        py::arg("capturing") = false, py::arg("rows") = false, py::arg("emulated_cuda") = false);
   m.def("block_shrink_", &block_shrink_, "in-place block soft-thresholding of the rows, one pass (CPU)",
         py::arg("tensors"), py::arg("thresholds"), py::arg("soft_threshold_first"), py::arg("acc_double"));
   m.def("metadata", &metadata, "(int64 table on the device, number of chunks)", py::arg("tensors"),
@@ -686,5 +755,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_cache", [] { cpu_grad_pool().clear(); },
         "release the CPU gradient buffers kept for reuse");
   m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("built_with_cuda_emulation", &built_with_cuda_emulation,
+        "whether the CUDA kernels were compiled for the CPU (emulated_cuda)");
+#ifdef REGFUSE_WITH_CUDA_EMULATION
+  m.def("configure_cuda_emulation", &configure_cuda_emulation,
+        "emulated launches: threads as OS threads (else fibers), block order, shuffle seed, forced grid (0: none)",
+        py::arg("threads") = false, py::arg("block_order") = "forward", py::arg("seed") = 0, py::arg("grid") = 0);
+  m.def("cuda_emulation_launches", &cuda::emulated_launches, "emulated CUDA kernel launches so far");
+#endif
   m.attr("CPU_CHUNK_SIZE") = cpu::kChunkSize;
 }

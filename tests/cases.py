@@ -182,14 +182,34 @@ class SizeLimit(NamedTuple):
 INTERPRETER_LIMIT = SizeLimit(numel=6_000, tensors=50)
 
 
+# The emulated CUDA kernels (csrc/cuda/simt_cpu.h) cost about 0.1 ms per block of 256
+# fibers, whatever its size: keep the number of chunks (one per group of a group op, one
+# per non-empty tensor at least) within a few thousand; 3,000 tiny tensors still run.
+EMULATION_LIMIT = SizeLimit(numel=1_000_000, tensors=3_000)
+# Groups of a group op (one table entry each) on the slow CPU paths.
+GROUP_LIMITS = {"triton": 100, "cuda": 1_000}
+
+
 def is_interpreted(backend: str, device: "str | torch.device") -> bool:
     """True where ``backend`` runs through the (slow) Triton interpreter."""
     return backend == "triton" and torch.device(device).type == "cpu"
 
 
+def is_emulated(backend: str, device: "str | torch.device") -> bool:
+    """True where ``backend`` runs the CUDA kernels on the CPU (``REGFUSE_CUDA_EMULATE=1``)."""
+    return backend == "cuda" and torch.device(device).type == "cpu"
+
+
 def size_limit(backend: str, device: "str | torch.device") -> Optional[SizeLimit]:
     """The size cap for ``backend`` on ``device`` in the tests, ``None`` for no cap."""
-    return INTERPRETER_LIMIT if is_interpreted(backend, device) else None
+    if is_interpreted(backend, device):
+        return INTERPRETER_LIMIT
+    return EMULATION_LIMIT if is_emulated(backend, device) else None
+
+
+def group_limit(backend: str, device: "str | torch.device") -> Optional[int]:
+    """The most groups a group op is asked to process by ``backend`` on ``device``."""
+    return GROUP_LIMITS.get(backend) if torch.device(device).type == "cpu" else None
 
 
 # ---- float64 oracles -----------------------------------------------------------------

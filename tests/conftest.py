@@ -9,15 +9,17 @@ import os
 import torch
 
 # Triton reads TRITON_INTERPRET when it is first imported; without a GPU the triton
-# backend can only run on CPU tensors through its interpreter.
+# backend can only run on CPU tensors through its interpreter. Likewise the cuda backend
+# runs CPU tensors through its kernels compiled for the CPU (csrc/cuda/simt_cpu.h).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("REGFUSE_CUDA_EMULATE", "1")
 
 from typing import Callable, Sequence  # noqa: E402
 
 import pytest  # noqa: E402
 
-from cases import size_limit  # noqa: E402
+from cases import group_limit, size_limit  # noqa: E402
 from regfuse import backends  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -53,19 +55,18 @@ def skip_if_too_big(backend, device) -> Callable[[Sequence[torch.Tensor]], None]
     return check
 
 
-# The Triton interpreter runs one Python program per group of a group op (a 1-D tensor
-# has one group per element): keep the number of groups small there too.
-INTERPRETER_GROUP_LIMIT = 100
-
-
 @pytest.fixture
 def skip_if_too_many_groups(backend, device, skip_if_too_big) -> Callable[[Sequence[torch.Tensor], int], None]:
-    """Like ``skip_if_too_big``, also counting the groups along ``dim`` of a group op."""
+    """Like ``skip_if_too_big``, also counting the groups along ``dim`` of a group op: the
+    Triton interpreter runs one Python program per group (a 1-D tensor has one group per
+    element), the CUDA emulation one block."""
+    limit = group_limit(backend, device)
+
     def check(tensors: Sequence[torch.Tensor], dim: int = 0) -> None:
         skip_if_too_big(tensors)
-        if backend == "triton" and device.type == "cpu":
+        if limit is not None:
             groups = sum(t.shape[dim] if t.dim() else 1 for t in tensors)
-            if groups > INTERPRETER_GROUP_LIMIT:
-                pytest.skip(f"{groups} groups are too many for the Triton interpreter")
+            if groups > limit:
+                pytest.skip(f"{groups} groups are too many for {backend} on {device.type} (cap: {limit})")
 
     return check

@@ -193,3 +193,59 @@ def test_cuda_graph_of_a_list_first_seen_during_capture(cuda_backend):
     with torch.cuda.graph(graph):
         outputs = _graph_step(params, cuda_backend, coefficients)
     _check_replays(graph, outputs, params, coefficients, cuda_backend, seed=7)
+
+
+def _norm_lists() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Two lists of many chunks each, with different norms."""
+    gen = torch.Generator().manual_seed(8)
+    return ([torch.randn(300_000, generator=gen).to(CUDA), torch.randn(70_000, generator=gen).to(CUDA)],
+            [3 * torch.randn(500_000, generator=gen).to(CUDA)])
+
+
+def test_reductions_at_once_on_two_streams(cuda_backend):
+    """A reduction is one launch whose last block finishes (a device counter): launches
+    running at once on two streams must not share a counter."""
+    lists = _norm_lists()
+    want = [oracle_norms(tensors, 2) for tensors in lists]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    results: list[list[torch.Tensor]] = [[], []]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for _ in range(20):
+        for k, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                results[k].append(regfuse.norms(lists[k], backend=cuda_backend))
+    for s in streams:
+        torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    for k in range(2):
+        for i, got in enumerate(results[k]):
+            assert_close(got, want[k].to(got.dtype), what=f"stream {k}, call {i}")
+
+
+def test_two_graphs_of_one_capture_stream_replayed_at_once(cuda_backend):
+    """torch.cuda.graph captures every graph on one stream by default: two such graphs
+    replayed at once on two streams must not share a reduction counter either."""
+    lists = _norm_lists()
+    for tensors in lists:  # warm-up: tables cached, kernels compiled
+        regfuse.norms(tensors, backend=cuda_backend)
+    torch.cuda.synchronize()
+    graphs, outputs = [], []
+    for tensors in lists:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs.append(regfuse.norms(tensors, backend=cuda_backend))
+        graphs.append(graph)
+    want = [oracle_norms(tensors, 2) for tensors in lists]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for replay in range(20):
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream())
+        for graph, s in zip(graphs, streams):
+            with torch.cuda.stream(s):
+                graph.replay()
+        for s in streams:
+            torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        for k in range(2):
+            assert_close(outputs[k], want[k].to(outputs[k].dtype), what=f"graph {k}, replay {replay}")

@@ -5,12 +5,16 @@
 // numel and dtype from the int64 metadata in global memory, so a launch covers any
 // number of tensors of any mix of dtypes. Torch-free: compiled with a bare nvcc.
 //
-// Reductions are two launches (the ancestor is Apex's multi_tensor_l2norm_kernel):
-//   1. one partial per chunk into the workspace, no atomics;
-//   2. a finishing kernel combining each tensor's partials (or, for kPenalty, all of them)
-//      in a fixed order. Fixed block sizes make every combination order fixed, so the same
-//      input gives bitwise the same output.
-#include <cuda_runtime.h>
+// Reductions are one launch (the ancestor is Apex's multi_tensor_l2norm_kernel, with the
+// finish folded in as in CUDA's threadFenceReduction sample):
+//   1. each block writes one partial per chunk it owns into the workspace;
+//   2. the last block to finish (a device counter, incremented after a fence) combines
+//      each tensor's partials (or, for kPenalty, all of them) in a fixed order and resets
+//      the counter to zero for the next launch. Which block is last does not matter: the
+//      combination order depends on the chunk indices only, and fixed block sizes fix
+//      every tree, so the same input gives bitwise the same output.
+//
+// The same file runs on the CPU through the SIMT emulation of simt_cpu.h (see simt.h).
 
 #include <climits>
 #include <cstdint>
@@ -18,15 +22,14 @@
 
 #include "../penalties.h"
 #include "launchers.h"
+#include "simt.h"
 
 namespace regfuse {
 namespace cuda {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kChunkThreads = 256;    // stage 1 and elementwise blocks: 64 elements a thread
-constexpr int kFinishThreads = 256;   // per-tensor finishing: one warp per tensor
-constexpr int kPenaltyThreads = 512;  // kPenalty finishing: one block over every chunk
+constexpr int kChunkThreads = 256;  // every block: 64 elements a thread; finishing: 8 warps
 constexpr int64_t kMaxGrid = INT_MAX;  // gridDim.x limit; kernels loop past it
 
 // ---------------------------------------------------------------------------------------
@@ -198,10 +201,90 @@ struct StageOneUnroll<PowSum<Acc>> {
   static constexpr int value = 1;
 };
 
-// Stage 1: partials[c] = the Reducer over the elements of chunk c (p: kLp's order).
-template <typename Acc, typename Reducer, typename Partial>
+// How a per-tensor result is finished: as combined, its square root (kL2) or its p-th
+// root (kLp).
+enum class Root { kNone, kSqrt, kPth };
+
+// A tensor's combined State written as its result, finished by kRoot; both sums of an
+// AbsAndSquare are kL1L2's two rows, sum|x| and sqrt(sum x^2).
+template <Root kRoot, typename Acc>
+__device__ __forceinline__ void write_result(Acc s, Acc p, Acc* out, int64_t i, int64_t) {
+  if (kRoot == Root::kSqrt) s = sqrt(s);
+  if (kRoot == Root::kPth) s = pow_value(s, Acc(1) / p);
+  out[i] = s;
+}
+template <Root kRoot, typename Acc>
+__device__ __forceinline__ void write_result(AbsAndSquare<Acc> s, Acc, Acc* out, int64_t i, int64_t n) {
+  out[i] = s.abs_sum;
+  out[n + i] = sqrt(s.square_sum);
+}
+
+// A partial another block wrote in this launch, read from L2 (.cg): never a stale L1 line.
+template <typename Acc>
+__device__ __forceinline__ Acc load_partial(const Acc* p) {
+  return __ldcg(p);
+}
+template <typename Acc>
+__device__ __forceinline__ AbsAndSquare<Acc> load_partial(const AbsAndSquare<Acc>* p) {
+  return {__ldcg(&p->abs_sum), __ldcg(&p->square_sum)};
+}
+
+// Whether this block is the last of the launch to have written its partials. Thread 0
+// wrote them; its fence makes them visible to every block before it counts itself in. The
+// last block resets the counter: it is zero again for the next launch on the stream.
+__device__ __forceinline__ bool is_last_block(unsigned int* counter) {
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    if (last) atomicExch(counter, 0u);
+  }
+  __syncthreads();
+  return last;
+}
+
+// Per-tensor finish, by the last block: warp w combines the partials of tensors w, w + 8,
+// ... (lane l takes chunks l, l + 32, ... in order, then a fixed shuffle tree).
+template <typename Reducer, Root kRoot, typename Acc>
+__device__ __forceinline__ void finish_per_tensor(const Table& table, const typename Reducer::State* partials,
+                                                  Acc p, Acc* out) {
+  const int64_t num_warps = blockDim.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t i = threadIdx.x / kWarpSize; i < table.num_tensors; i += num_warps) {
+    const int64_t first = table.chunk_offsets[i];
+    const int64_t last = table.chunk_offsets[i + 1];
+    // An empty tensor owns no chunk and gets the identity.
+    typename Reducer::State s = Reducer::init();
+    for (int64_t c = first + lane; c < last; c += kWarpSize) s = Reducer::combine(s, load_partial(partials + c));
+    s = warp_reduce<Reducer>(s);
+    if (lane == 0) write_result<kRoot>(s, p, out, i, table.num_tensors);
+  }
+}
+
+// kPenalty finish, by the last block: the sum of every chunk's weighted partial (thread t
+// takes chunks t, t + blockDim.x, ... in order, then block_reduce's fixed tree) into out[0].
+// An empty tensor owns no chunk, yet its weights count as w * 0, as in the reference: an
+// inf or NaN weight makes the penalty NaN (0 * inf), whether its tensor is empty or not.
+template <typename Acc>
+__device__ __forceinline__ void finish_penalty(const Table& table, const Acc* weights, const Acc* partials,
+                                               Acc* out) {
+  using Sum = AbsSum<Acc>;  // only its combine (a + b) is used
+  const int64_t n = table.num_tensors;
+  Acc s = Acc(0);
+  for (int64_t c = threadIdx.x; c < table.num_chunks; c += blockDim.x) s = s + load_partial(partials + c);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    if (table.numels[i] == 0) s = s + AbsAndSquareSum<Acc>::weighted({Acc(0), Acc(0)}, weights[i], weights[n + i]);
+  }
+  s = block_reduce<Sum>(s);
+  if (threadIdx.x == 0) out[0] = s;
+}
+
+// partials[c] = the Reducer over the elements of chunk c (p: kLp's order), then the last
+// block finishes: per tensor (Partial is the Reducer's State) or kPenalty's scalar
+// (Partial is a weighted Acc).
+template <typename Acc, typename Reducer, typename Partial, Root kRoot>
 __global__ void __launch_bounds__(kChunkThreads)
-reduce_chunks_kernel(Table table, const Acc* weights, Acc p, Partial* partials) {
+reduce_kernel(Table table, const Acc* weights, Acc p, Partial* partials, unsigned int* counter, Acc* out) {
   for (int64_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
     const Chunk chunk = read_chunk(table, c);
     typename Reducer::State s = Reducer::init();
@@ -223,54 +306,12 @@ reduce_chunks_kernel(Table table, const Acc* weights, Acc p, Partial* partials) 
       partials[c] = chunk_partial<Partial>(s, weights, chunk.tensor, table.num_tensors);
     }
   }
-}
-
-// How a per-tensor result is finished: as combined, its square root (kL2) or its p-th
-// root (kLp).
-enum class Root { kNone, kSqrt, kPth };
-
-// A tensor's combined State written as its result, finished by kRoot; both sums of an
-// AbsAndSquare are kL1L2's two rows, sum|x| and sqrt(sum x^2).
-template <Root kRoot, typename Acc>
-__device__ __forceinline__ void write_result(Acc s, Acc p, Acc* out, int64_t i, int64_t) {
-  if (kRoot == Root::kSqrt) s = sqrt(s);
-  if (kRoot == Root::kPth) s = pow_value(s, Acc(1) / p);
-  out[i] = s;
-}
-template <Root kRoot, typename Acc>
-__device__ __forceinline__ void write_result(AbsAndSquare<Acc> s, Acc, Acc* out, int64_t i, int64_t n) {
-  out[i] = s.abs_sum;
-  out[n + i] = sqrt(s.square_sum);
-}
-
-// Stage 2 for per-tensor ops: one warp per tensor combines its chunks' partials (lane l
-// takes chunks l, l + 32, ... in order, then a fixed shuffle tree).
-template <typename Acc, typename Reducer, Root kRoot>
-__global__ void __launch_bounds__(kFinishThreads)
-finish_per_tensor_kernel(Table table, const typename Reducer::State* partials, Acc p, Acc* out) {
-  const int64_t warps_per_block = blockDim.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  for (int64_t i = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; i < table.num_tensors;
-       i += static_cast<int64_t>(gridDim.x) * warps_per_block) {
-    const int64_t first = table.chunk_offsets[i];
-    const int64_t last = table.chunk_offsets[i + 1];
-    // An empty tensor owns no chunk and gets the identity.
-    typename Reducer::State s = Reducer::init();
-    for (int64_t c = first + lane; c < last; c += kWarpSize) s = Reducer::combine(s, partials[c]);
-    s = warp_reduce<Reducer>(s);
-    if (lane == 0) write_result<kRoot>(s, p, out, i, table.num_tensors);
+  if (!is_last_block(counter)) return;
+  if constexpr (std::is_same<Partial, typename Reducer::State>::value) {
+    finish_per_tensor<Reducer, kRoot>(table, partials, p, out);
+  } else {
+    finish_penalty(table, weights, partials, out);
   }
-}
-
-// Stage 2 for kPenalty: one block sums every chunk's weighted partial into out[0].
-template <typename Acc>
-__global__ void __launch_bounds__(kPenaltyThreads)
-finish_penalty_kernel(int64_t num_chunks, const Acc* partials, Acc* out) {
-  using Sum = AbsSum<Acc>;  // only its combine (a + b) is used
-  Acc s = Acc(0);
-  for (int64_t c = threadIdx.x; c < num_chunks; c += blockDim.x) s = s + partials[c];
-  s = block_reduce<Sum>(s);
-  if (threadIdx.x == 0) out[0] = s;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -383,44 +424,39 @@ const char* last_launch_error() {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-// workspace: num_chunks States of the Reducer (at most two Acc each).
+// One launch: partials in the workspace (num_chunks Partials, at most two Acc each), the
+// finish by the last block. At least one block, so that a list without any chunk (every
+// tensor empty) still gets its identities (kPenalty: out[0] = 0).
+template <typename Acc, typename Reducer, typename Partial, Root kRoot = Root::kNone>
+void launch_reduce_kernel(const Table& table, const Acc* weights, Acc p, void* workspace,
+                          unsigned int* counter, Acc* out, cudaStream_t stream) {
+  REGFUSE_LAUNCH(grid_for(table.num_chunks > 0 ? table.num_chunks : 1), kChunkThreads, stream,
+                 reduce_kernel<Acc, Reducer, Partial, kRoot>)(table, weights, p, static_cast<Partial*>(workspace),
+                                                              counter, out);
+}
+
 template <typename Acc, typename Reducer, Root kRoot = Root::kNone>
-void launch_per_tensor(const Table& table, Acc p, void* workspace, Acc* out, cudaStream_t stream) {
-  using State = typename Reducer::State;
-  auto* partials = static_cast<State*>(workspace);
-  if (table.num_chunks > 0) {
-    reduce_chunks_kernel<Acc, Reducer, State>
-        <<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(table, nullptr, p, partials);
-  }
-  if (table.num_tensors > 0) {
-    const int64_t warps_per_block = kFinishThreads / kWarpSize;
-    const int64_t blocks = (table.num_tensors + warps_per_block - 1) / warps_per_block;
-    finish_per_tensor_kernel<Acc, Reducer, kRoot>
-        <<<grid_for(blocks), kFinishThreads, 0, stream>>>(table, partials, p, out);
-  }
+void launch_per_tensor(const Table& table, Acc p, void* workspace, unsigned int* counter, Acc* out,
+                       cudaStream_t stream) {
+  launch_reduce_kernel<Acc, Reducer, typename Reducer::State, kRoot>(table, nullptr, p, workspace, counter,
+                                                                     out, stream);
 }
 
 template <typename Acc>
-void launch_reduce(const Table& table, int op, const Acc* weights, Acc p, void* workspace, Acc* out,
-                   cudaStream_t stream) {
-  Acc* partials = static_cast<Acc*>(workspace);
+void launch_reduce(const Table& table, int op, const Acc* weights, Acc p, void* workspace,
+                   unsigned int* counter, Acc* out, cudaStream_t stream) {
+  void* w = workspace;
+  unsigned int* k = counter;
   switch (op) {
-    case kL1L2: launch_per_tensor<Acc, AbsAndSquareSum<Acc>>(table, p, workspace, out, stream); break;
-    case kL1: launch_per_tensor<Acc, AbsSum<Acc>>(table, p, partials, out, stream); break;
-    case kL2: launch_per_tensor<Acc, SquareSum<Acc>, Root::kSqrt>(table, p, partials, out, stream); break;
-    case kSq: launch_per_tensor<Acc, SquareSum<Acc>>(table, p, partials, out, stream); break;
-    case kInf: launch_per_tensor<Acc, AbsMax<Acc>>(table, p, partials, out, stream); break;
-    case kLp: launch_per_tensor<Acc, PowSum<Acc>, Root::kPth>(table, p, partials, out, stream); break;
-    case kL0: launch_per_tensor<Acc, NonzeroCount<Acc>>(table, p, partials, out, stream); break;
-    case kNegInf: launch_per_tensor<Acc, AbsMin<Acc>>(table, p, partials, out, stream); break;
-    case kPenalty:
-      if (table.num_chunks > 0) {
-        reduce_chunks_kernel<Acc, AbsAndSquareSum<Acc>, Acc>
-            <<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(table, weights, p, partials);
-      }
-      // Also for an all-empty list: out[0] = 0.
-      finish_penalty_kernel<Acc><<<1, kPenaltyThreads, 0, stream>>>(table.num_chunks, partials, out);
-      break;
+    case kL1L2: launch_per_tensor<Acc, AbsAndSquareSum<Acc>>(table, p, w, k, out, stream); break;
+    case kL1: launch_per_tensor<Acc, AbsSum<Acc>>(table, p, w, k, out, stream); break;
+    case kL2: launch_per_tensor<Acc, SquareSum<Acc>, Root::kSqrt>(table, p, w, k, out, stream); break;
+    case kSq: launch_per_tensor<Acc, SquareSum<Acc>>(table, p, w, k, out, stream); break;
+    case kInf: launch_per_tensor<Acc, AbsMax<Acc>>(table, p, w, k, out, stream); break;
+    case kLp: launch_per_tensor<Acc, PowSum<Acc>, Root::kPth>(table, p, w, k, out, stream); break;
+    case kL0: launch_per_tensor<Acc, NonzeroCount<Acc>>(table, p, w, k, out, stream); break;
+    case kNegInf: launch_per_tensor<Acc, AbsMin<Acc>>(table, p, w, k, out, stream); break;
+    case kPenalty: launch_reduce_kernel<Acc, AbsAndSquareSum<Acc>, Acc>(table, weights, p, w, k, out, stream); break;
     default: break;  // the binding validates op
   }
 }
@@ -429,7 +465,7 @@ template <typename Op, typename Acc>
 void launch_elementwise(const Table& table, const Acc* coeff_table, const int64_t* out_ptrs,
                         const FlatOutputs& flat, cudaStream_t stream) {
   if (table.num_chunks == 0) return;
-  elementwise_kernel<Acc, Op><<<grid_for(table.num_chunks), kChunkThreads, 0, stream>>>(
+  REGFUSE_LAUNCH(grid_for(table.num_chunks), kChunkThreads, stream, elementwise_kernel<Acc, Op>)(
       table, coeff_table, out_ptrs, flat);
 }
 
@@ -441,17 +477,28 @@ size_t reduce_workspace_bytes(const MetaLayout& layout, bool acc_double) {
 }
 
 const char* reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights,
-                   bool acc_double, double p, void* workspace, void* out, void* stream) {
+                   bool acc_double, double p, void* workspace, unsigned int* counter, void* out,
+                   void* stream) {
   const Table table = make_table(meta, layout);
   const auto s = static_cast<cudaStream_t>(stream);
   if (acc_double) {
-    launch_reduce(table, op, static_cast<const double*>(weights), p, workspace,
+    launch_reduce(table, op, static_cast<const double*>(weights), p, workspace, counter,
                   static_cast<double*>(out), s);
   } else {
     launch_reduce(table, op, static_cast<const float*>(weights), static_cast<float>(p),
-                  workspace, static_cast<float*>(out), s);
+                  workspace, counter, static_cast<float*>(out), s);
   }
   return last_launch_error();
+}
+
+unsigned long long capture_id(void* stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  if (cudaStreamGetCaptureInfo(static_cast<cudaStream_t>(stream), &status, &id) != cudaSuccess) {
+    cudaGetLastError();  // not sticky; a stream that cannot say is treated as not capturing
+    return 0;
+  }
+  return status == cudaStreamCaptureStatusActive ? id : 0;
 }
 
 const char* backward(const int64_t* meta, MetaLayout layout, const void* scales, bool acc_double,

@@ -27,10 +27,17 @@ size_t reduce_workspace_bytes(const MetaLayout& layout, bool acc_double);
 //   out:       (n,) per-tensor results, (2, n) for kL1L2, or one scalar for kPenalty,
 //              accumulation dtype
 //   workspace: reduce_workspace_bytes(layout, acc_double) bytes of device scratch
-// The accumulation dtype is double when acc_double, else float. Partial sums are combined
-// in a fixed order: the same input gives bitwise the same output.
+//   counter:   one device unsigned int that is 0, used by no other launch running at the
+//              same time (one per stream and graph); the launch leaves it 0 again
+// One kernel launch. The accumulation dtype is double when acc_double, else float. Partial
+// sums are combined in a fixed order: the same input gives bitwise the same output.
 const char* reduce(const int64_t* meta, MetaLayout layout, int op, const void* weights,
-                   bool acc_double, double p, void* workspace, void* out, void* stream);
+                   bool acc_double, double p, void* workspace, unsigned int* counter, void* out,
+                   void* stream);
+
+// The id of the CUDA graph capture under way on `stream` (cudaStreamGetCaptureInfo), 0
+// when it is not capturing: a captured graph gets reduction counters of its own.
+unsigned long long capture_id(void* stream);
 
 // Element x of tensor i gets  scales[i] * sign(x) + scales[n + i] * x  (scales: (2, n)
 // row-major, accumulation dtype), computed in the accumulation dtype and rounded once.
@@ -49,6 +56,15 @@ const char* prox_l1(const int64_t* meta, MetaLayout layout, const void* threshol
 // whose factor is exactly 1 is not read or written.
 const char* scale(const int64_t* meta, MetaLayout layout, const void* factors, bool acc_double,
                   void* stream);
+
+#ifndef __CUDACC__
+// The emulation's settings (simt_cpu.h's Config), where these kernels are built for the
+// CPU: threads as OS threads instead of fibers, the order of the blocks (0 grid order,
+// 1 reversed, 2 shuffled with `seed`), a grid replacing every launch's (0: none).
+void configure_emulation(bool threads, int block_order, uint64_t seed, unsigned int grid);
+// Kernel launches since the process started.
+uint64_t emulated_launches();
+#endif
 
 }  // namespace cuda
 }  // namespace regfuse

@@ -27,7 +27,8 @@ _MODULES = {
     "reference": "regfuse.backends.reference",
 }
 _AUTO_ORDER = {
-    "cpu": ("cpu", "reference", "triton"),  # Triton on CPU is the (slow) interpreter
+    # Triton on CPU is the (slow) interpreter, cuda the (slower) emulation: never picked
+    "cpu": ("cpu", "reference", "triton", "cuda"),
     "cuda": ("cuda", "triton", "reference"),
 }
 

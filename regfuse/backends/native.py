@@ -1,8 +1,9 @@
 """The C++ extension's kernels behind the Backend protocol; shared by ``cpu`` and ``cuda``.
 
-The extension picks the CPU kernels or the CUDA launchers from the tensors' device; on
-CUDA it runs on the current stream, whose handle (and whether it is capturing a CUDA
-graph, which pins the cached tables it uses) is passed down from here.
+The extension picks the CPU kernels or the CUDA launchers from the tensors' device (or,
+with ``emulated_cuda``, runs CPU tensors through the CUDA launchers compiled for the
+CPU); on CUDA it runs on the current stream, whose handle (and whether it is capturing a
+CUDA graph, which pins the cached tables it uses) is passed down from here.
 """
 from __future__ import annotations
 
@@ -24,32 +25,35 @@ else:
 
 
 def reduce(tensors: Sequence[Tensor], op: Reduction, weights: Optional[Tensor],
-           acc_dtype: torch.dtype, p: float = 0.0, rows: bool = False) -> Tensor:
+           acc_dtype: torch.dtype, p: float = 0.0, rows: bool = False,
+           emulated_cuda: bool = False) -> Tensor:
     return _C.reduce(tensors, int(op), weights, acc_dtype == torch.float64,
-                     *current_stream(tensors[0].device), p, rows)
+                     *current_stream(tensors[0].device), p, rows, emulated_cuda)
 
 
 def backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
              weights: Optional[Tensor], acc_dtype: torch.dtype,
              accumulate_into: Optional[Sequence[Tensor]] = None,
-             rows: bool = False) -> Optional[list[Tensor]]:
+             rows: bool = False, emulated_cuda: bool = False) -> Optional[list[Tensor]]:
     n = sum(row_counts(tensors)) if rows else len(tensors)
     scales = scale_table(op, grad_out, norms, weights, n, acc_dtype)
     stream = current_stream(tensors[0].device)
     acc_double = acc_dtype == torch.float64
     if accumulate_into is None:
-        return _C.grad(tensors, scales, acc_double, *stream, rows)
-    _C.add_grad_(accumulate_into, tensors, scales, acc_double, *stream, rows)
+        return _C.grad(tensors, scales, acc_double, *stream, rows, emulated_cuda)
+    _C.add_grad_(accumulate_into, tensors, scales, acc_double, *stream, rows, emulated_cuda)
     return None
 
 
-def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor) -> None:
+def prox_l1_(tensors: Sequence[Tensor], thresholds: Tensor, emulated_cuda: bool = False) -> None:
     _C.prox_l1_(tensors, thresholds, thresholds.dtype == torch.float64,
-                *current_stream(tensors[0].device))
+                *current_stream(tensors[0].device), emulated_cuda)
 
 
-def scale_(tensors: Sequence[Tensor], factors: Tensor, rows: bool = False) -> None:
-    _C.scale_(tensors, factors, factors.dtype == torch.float64, *current_stream(tensors[0].device), rows)
+def scale_(tensors: Sequence[Tensor], factors: Tensor, rows: bool = False,
+           emulated_cuda: bool = False) -> None:
+    _C.scale_(tensors, factors, factors.dtype == torch.float64, *current_stream(tensors[0].device), rows,
+              emulated_cuda)
 
 
 def block_shrink_(tensors: Sequence[Tensor], thresholds: Tensor,
