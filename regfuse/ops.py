@@ -174,7 +174,9 @@ def run_reduce_backward(tensors: Sequence[Tensor], op: Reduction, grad_out: Tens
 
 def run_add_grad_(grads: Sequence[Tensor], params: Sequence[Tensor], weights: Tensor, backend: str,
                   info: Optional[ListInfo] = None) -> None:
-    """``grads[i] += weights[0, i] * sign(p_i) + 2 * weights[1, i] * p_i``, fused."""
+    """``grads[i] += weights[0, i] * sign(p_i) + weights[1, i] * p_i``, fused: ``weights``
+    holds the gradient's scales (``l1 * c_i``, ``2 * l2 * c_i``), built once and cached by
+    the caller, so that no table is computed per call."""
     if info is None:
         info = inspect(params)
         _check_add_grad(grads, params, weights, info)
@@ -182,7 +184,7 @@ def run_add_grad_(grads: Sequence[Tensor], params: Sequence[Tensor], weights: Te
     impl = backends.resolve(backend, info.device)
     work = [g if g.is_contiguous() else g.contiguous() for g in grads]
     with torch.no_grad():
-        impl.backward(_contiguous(params, info), Reduction.PENALTY, weights.new_ones(()), None,
+        impl.backward(_contiguous(params, info), Reduction.PENALTY, None, None,
                       weights, info.acc_dtype, accumulate_into=work)
         _write_back(grads, work)
 

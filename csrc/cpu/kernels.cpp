@@ -27,7 +27,8 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kBlock = 4096;
-// Below this many elements per task, a parallel region costs more than it saves.
+// Below this many elements per task, a parallel region costs more than it saves (waking
+// the pool's threads between the serial work of a training step takes tens of us).
 constexpr int64_t kMinElementsPerTask = 262144;
 
 template <typename F>
@@ -123,8 +124,24 @@ inline void fold(Partial& p, double first, double second) {
   p.second += second;
 }
 
-// The reduction loop, compiled for AVX2 and for the baseline x86-64 / other targets;
-// chunk_partials picks one at run time.
+// `v` rounded to the storage type T, as static_cast<T> rounds it. For bfloat16 the same
+// bits as c10::BFloat16's conversion (nearest even, NaN -> 0x7FC0) without its branch,
+// so that a loop storing bfloat16 vectorizes.
+template <typename T, typename Acc>
+inline T to_storage(Acc v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const float f = static_cast<float>(v);
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// The reduction and update loops, compiled for AVX2 and for the baseline x86-64 / other
+// targets; reduce_chunk and map_elements pick one at run time.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define REGFUSE_HAVE_AVX2_PATH 1
 #pragma GCC push_options
@@ -132,6 +149,7 @@ inline void fold(Partial& p, double first, double second) {
 #define REGFUSE_CPU_ISA avx2
 #define REGFUSE_VECTOR_BYTES 32
 #include "reduce_chunk.h"
+#include "update_chunk.h"
 #undef REGFUSE_CPU_ISA
 #undef REGFUSE_VECTOR_BYTES
 #pragma GCC pop_options
@@ -140,6 +158,7 @@ inline void fold(Partial& p, double first, double second) {
 #define REGFUSE_CPU_ISA baseline
 #define REGFUSE_VECTOR_BYTES 16
 #include "reduce_chunk.h"
+#include "update_chunk.h"
 #undef REGFUSE_CPU_ISA
 #undef REGFUSE_VECTOR_BYTES
 
@@ -216,22 +235,6 @@ void reduce_op(const int64_t* meta, const MetaLayout& layout, const void* weight
   });
 }
 
-// `v` rounded to the storage type T, as static_cast<T> rounds it. For bfloat16 the same
-// bits as c10::BFloat16's conversion (nearest even, NaN -> 0x7FC0) without its branch,
-// so that a loop storing bfloat16 vectorizes.
-template <typename T, typename Acc>
-inline T to_storage(Acc v) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const float f = static_cast<float>(v);
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof(u));
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
-  } else {
-    return static_cast<T>(v);
-  }
-}
-
 // Applies the element function `op_for(i)` of tensor i (Acc -> Acc, its per-tensor
 // scalars copied into it, so that the loop does not reload them after every store) to
 // every element of every tensor, writing the rounded result to `dest(i)` (same dtype as
@@ -249,16 +252,10 @@ void map_elements(const int64_t* meta, const MetaLayout& layout, bool accumulate
       using T = decltype(tag);
       const T* x = reinterpret_cast<const T*>(ptrs[i]) + start;
       T* y = static_cast<T*>(dest(i)) + start;
-      if (accumulate) {
-        for (int64_t k = 0; k < len; ++k)
-          y[k] = to_storage<T>(static_cast<Acc>(y[k]) + op(static_cast<Acc>(x[k])));
-      } else if (static_cast<const void*>(y) == static_cast<const void*>(x)) {
-        // In place through one pointer: with two, the compiler's overlap check fails for
-        // y == x and it falls back to a scalar loop.
-        for (int64_t k = 0; k < len; ++k) y[k] = to_storage<T>(op(static_cast<Acc>(y[k])));
-      } else {
-        for (int64_t k = 0; k < len; ++k) y[k] = to_storage<T>(op(static_cast<Acc>(x[k])));
-      }
+#ifdef REGFUSE_HAVE_AVX2_PATH
+      if (cpu_has_avx2()) return avx2::update_chunk<Acc>(x, y, len, accumulate, op);
+#endif
+      baseline::update_chunk<Acc>(x, y, len, accumulate, op);
     });
   });
 }

@@ -88,7 +88,8 @@ class Backend(Protocol):
         """Gradient of ``reduce(tensors, op, weights, rows=rows)`` scaled by ``grad_out``.
 
         Element ``x`` of entry ``i`` gets ``a_i * sign(x) + b_i * x`` with ``(a_i, b_i)``
-        from :func:`grad_scales` (``op`` is never ``INF`` here). With
+        from :func:`grad_scales` (``op`` is never ``INF`` here; :func:`scale_table` builds
+        them, and for ``PENALTY`` with ``grad_out=None`` ``weights`` are the table). With
         ``accumulate_into=None`` it returns new tensors shaped and typed like the inputs
         (views of one flat buffer per dtype); otherwise it adds the term in place to
         ``accumulate_into[i]`` (contiguous, same shape and dtype as ``tensors[i]``) and
@@ -158,7 +159,10 @@ def grad_scales(op: Reduction, grad_out: Tensor, norms: Optional[Tensor],
 def scale_table(op: Reduction, grad_out: Tensor, norms: Optional[Tensor], weights: Optional[Tensor],
                 n: int, acc_dtype: torch.dtype) -> Tensor:
     """:func:`grad_scales` as one contiguous ``(2, n)`` tensor of ``acc_dtype``: row 0 is
-    ``a``, row 1 is ``b``, the layout every kernel's backward reads."""
+    ``a``, row 1 is ``b``, the layout every kernel's backward reads. For ``PENALTY`` with
+    ``grad_out=None`` (``add_penalty_grad_``) ``weights`` are that table already."""
+    if op == Reduction.PENALTY and grad_out is None:
+        return weights
     if op == Reduction.PENALTY and weights is not None:
         # grad_scales' (grad_out * w[0], 2 * grad_out * w[1]) in two small ops, not eight:
         # this table is built on every add_penalty_grad_ and penalty backward.
