@@ -449,8 +449,6 @@ def _gradients(parameters: list) -> list[Tensor]:
 
 def _parameter_list(parameters: "TensorList | Tensor") -> list:
     """torch's handling of ``parameters``: one tensor or an iterable (an empty generator warns)."""
-    if isinstance(parameters, Tensor):
-        return [parameters]
     is_generator = isinstance(parameters, types.GeneratorType)
     parameters = as_list(parameters)
     if is_generator and not parameters:

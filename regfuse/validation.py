@@ -19,6 +19,7 @@ try:
 except ImportError:  # the package must work (reference backend) without the extension
     _C = None
 
+
 def native_extension():
     """The extension for a native pass, or ``None`` where the Python pass runs instead:
     without a build, and while ``torch.compile`` traces (dynamo cannot trace into the

@@ -5,7 +5,7 @@ means writing that module, adding a line to ``_MODULES`` and placing it in the
 ``_AUTO_ORDER`` of the devices it serves.
 
 What can run where is decided once per (backend, device type) and kept, failures
-included: a missing Triton or extension costs its import attempt once per process, not
+included: a missing Triton or extension costs its import attempt once per device type, not
 on every call (``"auto"`` is resolved on every call of every op). Nothing that decides it
 changes while a process runs: the extension and Triton are imported once, Triton reads
 ``TRITON_INTERPRET`` when it is first imported, and CUDA availability is fixed.

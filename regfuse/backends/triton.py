@@ -7,7 +7,6 @@ where it is not installed.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from typing import Optional, Sequence
@@ -20,7 +19,6 @@ from .base import Reduction, row_counts, scale_table
 name = "triton"
 
 
-@functools.lru_cache(maxsize=None)  # a failed import is not retried on every call
 def _triton_import_error() -> Optional[str]:
     try:
         importlib.import_module("triton")
